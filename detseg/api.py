@@ -1,0 +1,171 @@
+"""The Python API; the CLI is a thin shell around these four functions.
+
+>>> import detseg.api as ds
+>>> metrics = ds.train("cls/convnet", epochs=3, seed=7, out="runs/convnet")
+>>> model, checkpoint = ds.load("runs/convnet/best.pt")
+>>> ds.predict("runs/convnet/best.pt", ["photo.png"], out="preds")
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from . import __version__, registry
+from .config import load_yaml, parse_overrides, resolve, save_yaml
+from .data.images import load_rgb
+from .engine.checkpoint import load_checkpoint
+from .engine.run import finish, fit, write_json
+from .engine.trainer import Trainer
+from .errors import ConfigError
+from .viz import save_png
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda: no CUDA GPU is available on this machine")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _use_machine_threads(local_world: int) -> None:
+    # Processes sharing a machine split its cores; oversubscription makes every process slower.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def _default_run_dir(model_name: str) -> Path:
+    return Path("runs") / f"{model_name.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train(model_name: str, *, data: str | None = None, val: str | None = None, epochs: int | None = None,
+          time_budget: float | None = None, out: str | Path | None = None, seed: int | None = None,
+          resume: bool = False, overrides: Mapping[str, Any] | Iterable[str] | None = None,
+          progress: bool = True, verbose: bool = True) -> dict[str, float]:
+    """Train ``model_name`` and write a run directory; returns the final metrics (also in metrics.json)."""
+    entry = registry.get(model_name)
+    if overrides is not None and not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    overrides = dict(overrides or {})
+    for key, value in (("epochs", epochs), ("time_budget", time_budget), ("seed", seed)):
+        if value is not None:
+            overrides[key] = value
+    run_dir = Path(out) if out is not None else None
+    base: dict[str, Any] = {}
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs --out RUN_DIR, the directory of the run to continue")
+        if not (run_dir / "last.pt").is_file():
+            raise ConfigError(f"{run_dir}: nothing to resume (no last.pt)")
+        saved = load_yaml(run_dir / "config.yaml")
+        if saved.get("model") != model_name:
+            raise ConfigError(f"{run_dir}: holds a run of {saved.get('model')}, not {model_name}")
+        base = saved.get("config", {})
+        data = data if data is not None else saved.get("data")
+        val = val if val is not None else saved.get("val")
+    config = resolve(entry.all_options(), overrides, base)
+    run_dir = run_dir or _default_run_dir(model_name)
+
+    rank, world, local_rank = _distributed()
+    device = _device(config["device"], local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _use_machine_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    seed_everything(config["seed"])
+    bundle = entry.task.make_data(config, data, val)
+
+    def build_model() -> torch.nn.Module:
+        return entry.build(config, bundle.info)
+
+    seed_everything(config["seed"])  # the same initial weights whatever the data generation consumed
+    model = build_model()
+    trainer = Trainer(model, entry.task, bundle, config, device=device, rank=rank, world=world,
+                      progress=progress)
+    trainer.set_checkpoint_extras(model_name=model_name, config=config, info=bundle.info, version=__version__)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(run_dir / "config.yaml", {"model": model_name, "data": data, "val": val, "config": config})
+    if resume:
+        trainer.load_state_dict(load_checkpoint(run_dir / "last.pt", map_location=device))
+        trainer.config.update({key: config[key] for key in ("epochs", "time_budget")})
+        if verbose and rank == 0:
+            print(f"resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}", flush=True)
+    elif verbose and rank == 0:
+        print(f"training {model_name} ({_count_params(model):,} parameters) on {len(bundle.train)} examples, "
+              f"validating on {len(bundle.val)}; run directory {run_dir}", flush=True)
+    try:
+        fit(trainer, run_dir, verbose=verbose)
+        metrics = finish(trainer, run_dir, build_model, _count_params(model), verbose=verbose) if rank == 0 else {}
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return metrics
+
+
+def load(checkpoint: str | Path, device: str = "cpu"):
+    """Rebuild the model of a checkpoint; returns (model in eval mode, the checkpoint dict)."""
+    payload = load_checkpoint(checkpoint, map_location=device)
+    entry = registry.get(payload["model_name"])
+    model = entry.build(payload["config"], payload["info"])
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), payload
+
+
+def evaluate(checkpoint: str | Path, *, data: str | None = None, val: str | None = None,
+             out: str | Path | None = None, device: str = "cpu") -> dict[str, float]:
+    """Metrics of a checkpoint on the validation data of its run (or on ``data`` / ``val`` given here)."""
+    model, payload = load(checkpoint, device)
+    entry = registry.get(payload["model_name"])
+    config = dict(payload["config"])
+    seed_everything(config["seed"])
+    bundle = entry.task.make_data(config, data, val)
+    trainer = Trainer(model, entry.task, bundle, config, device=device, progress=False)
+    metrics = trainer.evaluate()
+    metrics["params"] = _count_params(model)
+    if out is not None:
+        out = Path(out)
+        write_json(out / "metrics.json", metrics)
+        entry.task.write_outputs(model, bundle, out, torch.device(device))
+    return metrics
+
+
+def predict(checkpoint: str | Path, images: Iterable[str | Path], *, out: str | Path | None = None,
+            device: str = "cpu") -> list[dict]:
+    """Predictions for image files; with ``out``, also a drawing per image and predictions.json."""
+    model, payload = load(checkpoint, device)
+    task = registry.get(payload["model_name"]).task
+    paths = [Path(path) for path in images]
+    if not paths:
+        raise ConfigError("predict: give at least one image file")
+    pixels = [load_rgb(path) for path in paths]
+    predictions = task.predict(model, pixels, payload["info"], torch.device(device))
+    results = [{"image": str(path), **prediction} for path, prediction in zip(paths, predictions)]
+    if out is not None:
+        out = Path(out)
+        for path, image, prediction in zip(paths, pixels, predictions):
+            save_png(out / f"{path.stem}_pred.png", task.draw(image, prediction, payload["info"]))
+        write_json(out / "predictions.json", results)
+    return results

@@ -1,0 +1,150 @@
+"""The ``detseg`` command: parses arguments, calls :mod:`detseg.api`, prints.
+
+Bad input (a missing file, an unknown model, a malformed annotation, a bad override) prints one line on stderr and
+exits with status 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import click
+
+from .errors import DetsegError
+
+_DEBUG = {"on": False}
+
+
+class _Group(click.Group):
+    """Turns user errors raised anywhere below into one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DetsegError as err:
+            if _DEBUG["on"]:
+                traceback.print_exc()
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as err:  # a bug of ours: say so plainly, keep the traceback for --debug
+            if _DEBUG["on"]:
+                raise
+            click.echo(f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+                       err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="detseg")
+def main(debug: bool) -> None:
+    """detseg: every method of CS231n Lecture 11, trainable and measurable."""
+    _DEBUG["on"] = debug
+
+
+@main.command("models")
+def models_command() -> None:
+    """List every model: name, task, description."""
+    from . import registry
+
+    for name in registry.names():
+        entry = registry.get(name)
+        click.echo(f"{name:<24} {entry.task.name:<16} {entry.description}")
+
+
+@main.group("data")
+def data_group() -> None:
+    """Make data sets."""
+
+
+@data_group.command("scenes")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--train", "n_train", default=1000, show_default=True, type=click.IntRange(min=0))
+@click.option("--val", "n_val", default=200, show_default=True, type=click.IntRange(min=0))
+@click.option("--size", default=128, show_default=True, type=click.IntRange(min=32, max=2048), help="Image side.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def data_scenes(out: str, n_train: int, n_val: int, size: int, seed: int) -> None:
+    """Write the built-in scenes data set as COCO json + PNG images + PNG semantic maps."""
+    from .data.export import write_scenes
+
+    summary = write_scenes(out, train=n_train, val=n_val, size=size, seed=seed, progress=True)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@main.command("train", context_settings={"ignore_unknown_options": False})
+@click.argument("model")
+@click.argument("overrides", nargs=-1)
+@click.option("--data", default=None, help="scenes (default), a data set name, or a COCO TRAIN.json.")
+@click.option("--val", default=None, help="COCO VAL.json for validation.")
+@click.option("--epochs", default=None, type=int, help="Passes over the training data.")
+@click.option("--time-budget", default=None, type=float, help="Stop after this many training seconds.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory (default runs/...).")
+@click.option("--seed", default=None, type=int)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+def train_command(model, overrides, data, val, epochs, time_budget, out, seed, resume, quiet) -> None:
+    """Train MODEL; extra KEY=VALUE arguments override its config (`detseg config MODEL` lists them)."""
+    from . import api
+
+    metrics = api.train(model, data=data, val=val, epochs=epochs, time_budget=time_budget, out=out, seed=seed,
+                        resume=resume, overrides=list(overrides), progress=not quiet, verbose=not quiet)
+    if metrics:
+        click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command("config")
+@click.argument("model")
+def config_command(model: str) -> None:
+    """Every config key of MODEL with its default and meaning."""
+    from . import registry
+    from .config import describe_options
+
+    click.echo(describe_options(registry.get(model).all_options()))
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", default=None)
+@click.option("--val", default=None)
+@click.option("--out", default=None, type=click.Path(file_okay=False))
+def eval_command(checkpoint, data, val, out) -> None:
+    """Evaluate CHECKPOINT (a .pt file or a run directory) on its validation data."""
+    from . import api
+
+    click.echo(json.dumps(api.evaluate(checkpoint, data=data, val=val, out=out), indent=2))
+
+
+@main.command("predict")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="predictions", show_default=True, type=click.Path(file_okay=False))
+def predict_command(checkpoint, images, out) -> None:
+    """Predict on IMAGES and draw the outputs into --out."""
+    from . import api
+
+    results = api.predict(checkpoint, images, out=out)
+    for result in results:
+        shown = {key: value for key, value in result.items() if key != "probabilities"}
+        click.echo(json.dumps(shown))
+    click.echo(f"drawings and predictions.json in {out}", err=True)
+
+
+@main.command("bench")
+@click.argument("study")
+@click.option("--out", default=None, type=click.Path(file_okay=False))
+@click.option("--quick", is_flag=True, help="Smaller settings for a fast look.")
+def bench_command(study, out, quick) -> None:
+    """Run a benchmark STUDY and write report.md, plots and results.json."""
+    from .bench import run_study
+
+    run_study(study, out=out, quick=quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The training engine: step-wise trainer and atomic checkpoints."""

@@ -1,0 +1,398 @@
+"""Every number detseg reports, one function per task (DESIGN §2, "metrics.json keys").
+
+The lecture's tasks are judged differently, and this module follows its order:
+
+- classification: ``top1``, the fraction of images whose highest-scoring class is right;
+- semantic segmentation: a per-pixel confusion matrix gives ``miou`` and ``pixel_acc``;
+- classification + localization: ``top1``, ``box_iou`` (IoU of the single predicted box with the true one) and
+  ``loc_acc`` (class right *and* IoU >= 0.5, the ImageNet-localization criterion);
+- pose as regression: ``pck``, the fraction of joints within a radius of the truth;
+- detection, instance segmentation and keypoint detection: COCO average precision, computed by pycocotools itself
+  so that our ``ap`` is the number every paper reports, not a re-implementation of it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_area
+
+from detseg.errors import DetsegError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classification
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def top1(logits_or_preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of examples whose predicted class equals the label.
+
+    ``logits_or_preds`` is either class scores (N, K) — the arg-max is taken — or predicted class ids (N,).
+    An empty batch scores 0.0.
+    """
+    scores = torch.as_tensor(logits_or_preds)
+    labels = torch.as_tensor(labels).reshape(-1)
+    preds = scores.argmax(dim=-1) if scores.dim() == 2 else scores.reshape(-1)  # (N, K) -> (N,)
+    if preds.shape != labels.shape:
+        raise ValueError(f"top1: {preds.numel()} predictions for {labels.numel()} labels")
+    if labels.numel() == 0:
+        return 0.0
+    return (preds.to(labels.device) == labels).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Semantic segmentation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ConfusionMatrix:
+    """Per-pixel confusion matrix accumulated over a data set; rows are true classes, columns predicted ones.
+
+    Pixels whose target is ``ignore_index`` (object borders, "don't care" regions) count nowhere. Class 0, the
+    background, is a class like any other: it is part of the matrix and of the mean IoU, as in the PASCAL VOC and
+    Cityscapes protocols, so a model cannot score well by painting everything as objects.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of predicted and true class maps, both (N, H, W) integer class ids."""
+        pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+        if pred.shape != target.shape:
+            raise ValueError(f"ConfusionMatrix.update: prediction {tuple(pred.shape)} vs target {tuple(target.shape)}")
+        labeled = target != self.ignore_index
+        pred, target = pred[labeled].long(), target[labeled].long()  # (N, H, W) -> (P,) labeled pixels only
+        for name, values in (("target", target), ("prediction", pred)):
+            if values.numel() and (values.min() < 0 or values.max() >= self.num_classes):
+                raise ValueError(f"ConfusionMatrix.update: {name} class ids must lie in [0, {self.num_classes}) "
+                                 f"or equal ignore_index {self.ignore_index}")
+        # One bincount over the joint index (true * K + predicted) fills the whole K x K matrix at once.
+        joint = target * self.num_classes + pred
+        counts = torch.bincount(joint, minlength=self.num_classes ** 2)
+        self.matrix += counts.reshape(self.num_classes, self.num_classes).cpu()
+
+    def per_class_iou(self) -> torch.Tensor:
+        """IoU of each class, (K,) float64: TP / (TP + FP + FN); NaN for a class absent from targets and predictions."""
+        matrix = self.matrix.double()
+        true_positive = matrix.diag()
+        union = matrix.sum(dim=0) + matrix.sum(dim=1) - true_positive
+        iou = true_positive / union
+        iou[union == 0] = float("nan")  # 0/0: the class never occurred, so it has no IoU rather than a bad one
+        return iou
+
+    def miou(self) -> float:
+        """Mean IoU over the classes that occur in the targets or the predictions (background included).
+
+        Classes absent from both have no defined IoU and are left out of the mean, so evaluating on a subset that
+        happens to contain no person does not drag the score down. A class that is only predicted (never true)
+        counts with IoU 0. Nothing accumulated yet gives 0.0.
+        """
+        iou = self.per_class_iou()
+        present = ~torch.isnan(iou)
+        return iou[present].mean().item() if present.any() else 0.0
+
+    def pixel_acc(self) -> float:
+        """Fraction of labeled (non-ignored) pixels classified correctly; 0.0 when nothing was accumulated."""
+        total = self.matrix.sum().item()
+        return self.matrix.diag().sum().item() / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classification + localization
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def box_iou_pairs(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """IoU of matched box pairs, (N, 4) xyxy each -> (N,).
+
+    ``torchvision.ops.box_iou`` compares every box with every box (N x N); localization only needs the diagonal, so
+    this computes the N pairs directly and reuses torchvision's ``box_area``.
+    """
+    pred, gt = torch.as_tensor(pred, dtype=torch.float32), torch.as_tensor(gt, dtype=torch.float32)
+    top_left = torch.max(pred[:, :2], gt[:, :2])        # (N, 2)
+    bottom_right = torch.min(pred[:, 2:], gt[:, 2:])    # (N, 2)
+    overlap = (bottom_right - top_left).clamp(min=0)
+    intersection = overlap[:, 0] * overlap[:, 1]
+    union = box_area(pred) + box_area(gt) - intersection
+    return torch.where(union > 0, intersection / union.clamp(min=1e-12), torch.zeros_like(union))
+
+
+def loc_metrics(pred_labels: torch.Tensor, gt_labels: torch.Tensor, pred_boxes: torch.Tensor,
+                gt_boxes: torch.Tensor, iou_threshold: float = 0.5) -> dict[str, float]:
+    """Classification + localization scores: ``top1``, mean ``box_iou`` and ``loc_acc``.
+
+    One object per image: labels (N,), boxes (N, 4) xyxy. ``loc_acc`` counts an image as right only when the
+    class is right and the box overlaps the truth with IoU >= ``iou_threshold`` (0.5, as in ILSVRC localization).
+    """
+    pred_labels, gt_labels = torch.as_tensor(pred_labels).reshape(-1), torch.as_tensor(gt_labels).reshape(-1)
+    if gt_labels.numel() == 0:
+        return {"top1": 0.0, "box_iou": 0.0, "loc_acc": 0.0}
+    ious = box_iou_pairs(pred_boxes, gt_boxes)
+    class_right = pred_labels == gt_labels
+    return {
+        "top1": class_right.float().mean().item(),
+        "box_iou": ious.mean().item(),
+        "loc_acc": (class_right & (ious >= iou_threshold)).float().mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pose
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pck(pred: torch.Tensor, gt: torch.Tensor, visible: torch.Tensor, ref_size: torch.Tensor,
+        alpha: float = 0.2) -> float:
+    """Percentage of Correct Keypoints: the fraction of labeled joints predicted within ``alpha * ref_size``.
+
+    pred, gt: (N, J, 2) joint coordinates; visible: (N, J), a joint counts when > 0 (COCO flags 1 and 2 both mean
+    "labeled"); ref_size: (N,) the reference length per person — the larger side of the person box. A joint exactly
+    on the radius counts as correct. No labeled joints gives 0.0.
+    """
+    pred, gt = torch.as_tensor(pred, dtype=torch.float32), torch.as_tensor(gt, dtype=torch.float32)
+    labeled = torch.as_tensor(visible) > 0                                         # (N, J)
+    distance = torch.linalg.vector_norm(pred - gt, dim=-1)                          # (N, J, 2) -> (N, J)
+    radius = alpha * torch.as_tensor(ref_size, dtype=torch.float32).reshape(-1, 1)  # (N, 1)
+    correct = (distance <= radius) & labeled
+    total = labeled.sum().item()
+    return correct.sum().item() / total if total else 0.0
+
+
+# OKS sigmas (per-joint spread of human annotations, relative to object scale) for the 14 LSP joints, in
+# detseg.data.records.LSP_JOINTS order. The twelve limb joints take COCO's person sigmas for the same joint.
+# LSP's two extra joints have no COCO counterpart: we give both 0.079, the shoulder value — the choice CrowdPose
+# made for the same two joints. The neck sits between the shoulders and is as hard to place as they are; the head
+# top is a point on a round outline, not a sharp landmark like the nose (.026) or ears (.035), so borrowing those
+# tight sigmas would punish predictions that are as good as a human annotator's.
+LSP_OKS_SIGMAS = np.array([
+    0.089, 0.087, 0.107, 0.107, 0.087, 0.089,   # r_ankle r_knee r_hip l_hip l_knee l_ankle
+    0.062, 0.072, 0.079, 0.079, 0.072, 0.062,   # r_wrist r_elbow r_shoulder l_shoulder l_elbow l_wrist
+    0.079, 0.079,                               # neck head_top
+])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# COCO results format: model outputs -> list of result dicts
+# ---------------------------------------------------------------------------------------------------------------
+
+CategoryOf = Callable[[int], int] | Mapping[int, int] | Sequence[int] | None
+
+
+def _category_lookup(category_of: CategoryOf) -> Callable[[int], int]:
+    """Turn a label -> COCO category id mapping (callable, dict, list, or None for identity) into a function."""
+    if category_of is None:
+        return lambda label: label
+    if callable(category_of):
+        return category_of
+    return lambda label: category_of[label]
+
+
+def _as_numpy(values) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
+def _per_detection(image_ids, scores, labels, category_of):
+    """Yield (image position, image_id, index within image, score, category id) for every detection."""
+    lookup = _category_lookup(category_of)
+    for position, (image_id, image_scores, image_labels) in enumerate(zip(image_ids, scores, labels, strict=True)):
+        for index, (score, label) in enumerate(zip(_as_numpy(image_scores), _as_numpy(image_labels), strict=True)):
+            yield position, int(image_id), index, float(score), int(lookup(int(label)))
+
+
+def results_from_detections(image_ids: Sequence[int], boxes_xyxy: Sequence, scores: Sequence, labels: Sequence,
+                            category_of: CategoryOf = None) -> list[dict]:
+    """COCO detection results from per-image predictions.
+
+    Each argument after ``image_ids`` holds one entry per image: boxes (n_i, 4) xyxy, scores (n_i,), labels (n_i,).
+    ``category_of`` maps a model label to a COCO category id (None: labels already are category ids).
+    """
+    boxes = [_as_numpy(image_boxes).reshape(-1, 4) for image_boxes in boxes_xyxy]
+    results = []
+    for image_position, image_id, index, score, category_id in _per_detection(image_ids, scores, labels,
+                                                                               category_of):
+        x1, y1, x2, y2 = (float(v) for v in boxes[image_position][index])
+        results.append({"image_id": image_id, "category_id": category_id,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    return results
+
+
+def results_from_masks(image_ids: Sequence[int], masks: Sequence, scores: Sequence, labels: Sequence,
+                       category_of: CategoryOf = None, threshold: float = 0.5) -> list[dict]:
+    """COCO instance-segmentation results: per image masks (n_i, H, W) (bool, or probabilities cut at
+    ``threshold``), scores and labels. Masks become compressed RLE with ``counts`` as str so the list is JSON-ready."""
+    encoded = []
+    for image_masks in masks:
+        binary = _as_numpy(image_masks)
+        binary = binary if binary.dtype == bool else binary >= threshold
+        # pycocotools encodes (H, W, n) Fortran-ordered uint8 arrays.
+        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8))) if len(binary) else []
+        encoded.append(rles)
+    results = []
+    for image_position, image_id, index, score, category_id in _per_detection(image_ids, scores, labels,
+                                                                               category_of):
+        rle = encoded[image_position][index]
+        results.append({"image_id": image_id, "category_id": category_id, "score": score,
+                        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode()}})
+    return results
+
+
+def results_from_keypoints(image_ids: Sequence[int], keypoints: Sequence, scores: Sequence,
+                           category_id: int) -> list[dict]:
+    """COCO keypoint results: per image keypoints (n_i, J, 2) or (n_i, J, 3) and scores (n_i,), all of one
+    category (the person). Without a third column every joint is written with visibility 1; COCO's OKS ignores
+    predicted visibilities anyway."""
+    results = []
+    labels = [np.zeros(len(_as_numpy(image_scores)), dtype=np.int64) for image_scores in scores]
+    for image_position, image_id, index, score, _ in _per_detection(image_ids, scores, labels, None):
+        joints = _as_numpy(keypoints[image_position])[index].astype(np.float64)  # (J, 2|3)
+        if joints.shape[1] == 2:
+            joints = np.concatenate([joints, np.ones((len(joints), 1))], axis=1)
+        results.append({"image_id": image_id, "category_id": int(category_id), "score": score,
+                        "keypoints": [float(v) for v in joints.reshape(-1)]})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# COCO average precision, by pycocotools
+# ---------------------------------------------------------------------------------------------------------------
+
+# Names for COCOeval.stats, in pycocotools' order. Keypoint evaluation has no "small" people (too small to annotate
+# joints on) and reports recall at IoU (OKS) .5 and .75 instead of at 1 / 10 detections.
+DETECTION_STAT_KEYS = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
+                       "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
+KEYPOINT_STAT_KEYS = ("ap", "ap50", "ap75", "ap_medium", "ap_large",
+                      "ar", "ar50", "ar75", "ar_medium", "ar_large")
+# The field each kind of result must carry, and the ground truth must carry to be compared with it.
+_RESULT_FIELD = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}
+
+
+def coco_eval(gt: dict | COCO, results: list[dict], iou_type: str = "bbox", kpt_oks_sigmas=None,
+              quiet: bool = True) -> dict[str, float]:
+    """COCO evaluation of ``results`` (COCO results format) against ``gt``, by pycocotools' COCOeval.
+
+    Returns COCOeval's ``stats`` unchanged under flat names: for "bbox" and "segm" :data:`DETECTION_STAT_KEYS`
+    (``ap`` is AP averaged over IoU .50:.05:.95, ``ap50`` and ``ap75`` at one IoU, then by object area, then average
+    recall), for "keypoints" :data:`KEYPOINT_STAT_KEYS`. Like pycocotools, a stat is -1.0 when no ground truth falls
+    in its area range (e.g. ``ap_large`` on a data set without large objects); it is kept, not replaced, so that
+    ``ap`` here always equals pycocotools' number.
+
+    ``gt`` is a COCO dict (never modified; missing ``area`` is taken from the box, missing ``iscrowd`` is 0) or a
+    ready ``COCO`` object. Crowd ground truth (``iscrowd`` 1) is neither a miss nor a false positive when detected,
+    exactly as in COCO. Empty ``results`` evaluate to 0 precision and recall instead of crashing pycocotools.
+    For keypoints only categories that define keypoints are evaluated; ``kpt_oks_sigmas`` defaults to
+    :data:`LSP_OKS_SIGMAS` for 14 joints and to COCO's sigmas for 17. ``quiet`` hides pycocotools' printing.
+
+    Raises DetsegError when a result names an image or category the ground truth does not have, or lacks the field
+    the ``iou_type`` compares.
+    """
+    if iou_type not in _RESULT_FIELD:
+        raise DetsegError(f"coco_eval: iou_type must be one of {sorted(_RESULT_FIELD)} (got {iou_type!r})")
+    silence = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
+    with silence:
+        coco_gt = gt if isinstance(gt, COCO) else _coco_from_dict(gt, iou_type)
+        _check_results(results, coco_gt, iou_type)
+        coco_dt = _load_results(coco_gt, results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        if iou_type == "keypoints":
+            _set_keypoint_params(evaluator.params, coco_gt, kpt_oks_sigmas)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    keys = KEYPOINT_STAT_KEYS if iou_type == "keypoints" else DETECTION_STAT_KEYS
+    return {key: float(value) for key, value in zip(keys, evaluator.stats)}
+
+
+def _coco_from_dict(gt: dict, iou_type: str) -> COCO:
+    """Build an in-memory COCO index from a ground-truth dict, completing the fields COCOeval reads."""
+    if not isinstance(gt, dict):
+        raise DetsegError(f"coco_eval: ground truth must be a COCO dict or pycocotools COCO (got {type(gt).__name__})")
+    for key in ("images", "annotations", "categories"):
+        if key not in gt:
+            raise DetsegError(f"coco_eval: ground truth has no '{key}' list")
+    field = _RESULT_FIELD[iou_type]
+    annotations = []
+    for ann in gt["annotations"]:
+        ann = dict(ann)  # COCOeval writes into annotations ('ignore', RLE segmentation); keep the caller's intact
+        for required in ("id", "image_id", "category_id", "bbox", field):
+            if required not in ann and required != "keypoints":  # shapes have no joints; checked per category later
+                raise DetsegError(f"coco_eval: ground-truth annotation {ann.get('id', '?')} has no '{required}', "
+                                  f"needed for iou_type '{iou_type}'")
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+        if "keypoints" in ann:
+            ann.setdefault("num_keypoints", int(np.count_nonzero(np.asarray(ann["keypoints"])[2::3] > 0)))
+        annotations.append(ann)
+    coco = COCO()
+    # loadRes copies 'info' and older pycocotools also 'licenses', so a dict without them must still work.
+    coco.dataset = {**gt, "info": gt.get("info", {}), "licenses": gt.get("licenses", []),
+                    "annotations": annotations}
+    coco.createIndex()
+    return coco
+
+
+def _check_results(results: list[dict], coco_gt: COCO, iou_type: str) -> None:
+    """Refuse results pycocotools would assert on, or silently drop (unknown category), with a clear message."""
+    if not isinstance(results, list):
+        raise DetsegError(f"coco_eval: results must be a list of dicts (got {type(results).__name__})")
+    image_ids, category_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    field = _RESULT_FIELD[iou_type]
+    for position, result in enumerate(results):
+        for required in ("image_id", "category_id", "score", field):
+            if not isinstance(result, dict) or required not in result:
+                raise DetsegError(f"coco_eval: result {position} has no '{required}' (iou_type '{iou_type}')")
+        if result["image_id"] not in image_ids:
+            raise DetsegError(f"coco_eval: result {position} is for image id {result['image_id']!r}, "
+                              f"which is not in the ground truth")
+        if result["category_id"] not in category_ids:
+            raise DetsegError(f"coco_eval: result {position} has category id {result['category_id']!r}, "
+                              f"which is not in the ground truth categories {sorted(category_ids)}")
+
+
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    """``COCO.loadRes`` on copies of the results (it writes ids and areas into them); empty results, which
+    loadRes cannot take (it reads results[0]), become an empty detection set over the same images."""
+    if results:
+        return coco_gt.loadRes([dict(result) for result in results])
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset["images"]),
+                     "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
+    empty.createIndex()
+    return empty
+
+
+def _set_keypoint_params(params, coco_gt: COCO, kpt_oks_sigmas) -> None:
+    """Evaluate only categories with keypoints, with one OKS sigma per joint."""
+    keypoint_categories = [cat["id"] for cat in coco_gt.dataset["categories"] if cat.get("keypoints")]
+    if not keypoint_categories:  # categories without a 'keypoints' list: use those whose annotations have them
+        keypoint_categories = sorted({ann["category_id"] for ann in coco_gt.dataset["annotations"]
+                                      if ann.get("keypoints")})
+    params.catIds = keypoint_categories
+    for ann in coco_gt.dataset["annotations"]:
+        if ann["category_id"] in keypoint_categories and "keypoints" not in ann:
+            raise DetsegError(f"coco_eval: ground-truth annotation {ann['id']} of keypoint category "
+                              f"{ann['category_id']} has no 'keypoints'")
+    joint_counts = {len(ann["keypoints"]) // 3 for ann in coco_gt.dataset["annotations"]
+                    if ann["category_id"] in keypoint_categories and ann.get("keypoints")}
+    if len(joint_counts) > 1:
+        raise DetsegError(f"coco_eval: ground-truth keypoint annotations disagree on the joint count {joint_counts}")
+    num_joints = joint_counts.pop() if joint_counts else len(params.kpt_oks_sigmas)
+    if kpt_oks_sigmas is None:
+        if num_joints == len(LSP_OKS_SIGMAS):
+            kpt_oks_sigmas = LSP_OKS_SIGMAS
+        elif num_joints != len(params.kpt_oks_sigmas):  # pycocotools' default covers COCO's 17 joints
+            raise DetsegError(f"coco_eval: no default OKS sigmas for {num_joints} joints; pass kpt_oks_sigmas")
+    if kpt_oks_sigmas is not None:
+        kpt_oks_sigmas = np.asarray(kpt_oks_sigmas, dtype=np.float64)
+        if len(kpt_oks_sigmas) != num_joints:
+            raise DetsegError(f"coco_eval: {len(kpt_oks_sigmas)} OKS sigmas for {num_joints} joints")
+        params.kpt_oks_sigmas = kpt_oks_sigmas

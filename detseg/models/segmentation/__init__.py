@@ -1,0 +1,1 @@
+"""Semantic segmentation, in the lecture's order: sliding window -> full-resolution FCN -> encoder-decoder."""

@@ -1,0 +1,63 @@
+"""Pictures: training curves (matplotlib) and grids of drawn predictions (torchvision.utils)."""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from .config import atomic_write_bytes  # noqa: E402
+
+
+def save_png(path: Path | str, picture: torch.Tensor | np.ndarray) -> None:
+    """Write a (3, H, W) uint8 tensor or an (H, W, 3) array as PNG, atomically."""
+    if isinstance(picture, torch.Tensor):
+        picture = picture.permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def grid(pictures: Sequence[torch.Tensor], columns: int = 4, side: int = 256) -> torch.Tensor:
+    """Tile drawings of different sizes: each is fitted into a ``side``×``side`` cell (aspect ratio kept)."""
+    cells = []
+    for picture in pictures:
+        height, width = picture.shape[1:]
+        scale = side / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        resized = F.interpolate(picture[None].float(), size=size, mode="nearest")[0]
+        cell = torch.zeros(3, side, side)
+        cell[:, : size[0], : size[1]] = resized
+        cells.append(cell)
+    return make_grid(torch.stack(cells), nrow=columns, padding=4, pad_value=255).round().to(torch.uint8)
+
+
+def plot_curves(path: Path | str, history: list[dict], metric: str) -> None:
+    """Loss (train and validation) and the main metric per epoch, side by side."""
+    epochs = [row["epoch"] for row in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
+    val_loss = [row["val_loss"] for row in history]
+    if any(not math.isnan(v) for v in val_loss):
+        left.plot(epochs, val_loss, "s-", label="validation")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    left.legend()
+    right.plot(epochs, [row[metric] for row in history], "s-", color="tab:green")
+    right.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
