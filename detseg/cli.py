@@ -77,6 +77,18 @@ def data_scenes(out: str, n_train: int, n_val: int, size: int, seed: int) -> Non
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
+@data_group.command("check")
+@click.argument("path", type=click.Path())
+@click.option("--images", default=None, type=click.Path(file_okay=False), help="Image root, if not beside.")
+@click.option("--split", default="train", show_default=True, help="VOC: the ImageSets/Main split.")
+@click.option("--no-decode", is_flag=True, help="Validate the annotations only, do not open every image.")
+def data_check(path: str, images: str | None, split: str, no_decode: bool) -> None:
+    """Validate a COCO json or a VOC directory and print a summary (exit 2 on the first problem)."""
+    from .data.sources import open_source, summarize
+
+    click.echo(json.dumps(summarize(open_source(path, images, split), decode=not no_decode), indent=2))
+
+
 @main.command("train", context_settings={"ignore_unknown_options": False})
 @click.argument("model")
 @click.argument("overrides", nargs=-1)

@@ -10,34 +10,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
 from . import api
 from .data.coco import CocoSource
 from .data.dataset import InstanceDataset
 from .data.export import write_scenes
-from .data.records import LSP_SKELETON
 from .data.scenes import render_single_object_images
-from .viz import grid, save_png
+from .viz import draw_annotations, grid, save_png
 
 OUT = Path("demo_out")
-
-
-def draw_annotations(image: torch.Tensor, target: dict, names: list[str]) -> torch.Tensor:
-    """Masks, boxes with class names, and the stick figures' 14 joints of one scene."""
-    picture = image
-    if len(target["masks"]):
-        picture = draw_segmentation_masks(picture, target["masks"].bool(), alpha=0.45)
-    labels = [names[int(label)] for label in target["labels"]]
-    picture = draw_bounding_boxes(picture, target["boxes"], labels=labels, colors="yellow")
-    keypoints = target["keypoints"]
-    if keypoints.numel() and (keypoints[..., 2] > 0).any():
-        people = keypoints[(keypoints[..., 2] > 0).any(dim=1)]
-        picture = draw_keypoints(picture, people[..., :2], connectivity=list(LSP_SKELETON), colors="red",
-                                 radius=1, width=1)
-    return picture
 
 
 def main() -> None:
@@ -47,8 +29,7 @@ def main() -> None:
     summary = write_scenes(OUT / "scenes", train=64, val=16, size=128, seed=0, progress=False)
     source = CocoSource(OUT / "scenes" / "val.json")
     dataset = InstanceDataset(source)
-    names = ["background"] + [category["name"] for category in source.categories]
-    pictures = [draw_annotations(*dataset[index], names) for index in range(8)]
+    pictures = [draw_annotations(*dataset[index], dataset.label_names) for index in range(8)]
     save_png(OUT / "scenes_annotated.png", grid(pictures))
 
     print("2/3  training cls/convnet on single-object scenes for 3 epochs ...", flush=True)

@@ -14,9 +14,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+from torchvision.utils import (draw_bounding_boxes, draw_keypoints, draw_segmentation_masks,  # noqa: E402
+                               make_grid)
 
 from .config import atomic_write_bytes  # noqa: E402
+from .data.records import LSP_SKELETON  # noqa: E402
 
 
 def save_png(path: Path | str, picture: torch.Tensor | np.ndarray) -> None:
@@ -61,3 +63,19 @@ def plot_curves(path: Path | str, history: list[dict], metric: str) -> None:
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def draw_annotations(image: torch.Tensor, target: dict, names: Sequence[str]) -> torch.Tensor:
+    """Masks, boxes with class names and the stick figures' skeletons of one (image, target) pair."""
+    picture = image
+    if len(target["masks"]):
+        picture = draw_segmentation_masks(picture, target["masks"].bool(), alpha=0.45)
+    labels = [names[int(label)] for label in target["labels"]]
+    picture = draw_bounding_boxes(picture, target["boxes"], labels=labels, colors="yellow")
+    keypoints = target["keypoints"]
+    if keypoints.numel() and (keypoints[..., 2] > 0).any():
+        people = keypoints[(keypoints[..., 2] > 0).any(dim=1)]
+        visible = people[..., 2] > 0
+        picture = draw_keypoints(picture, people[..., :2], connectivity=list(LSP_SKELETON), colors="red",
+                                 radius=1, width=1, visibility=visible)
+    return picture

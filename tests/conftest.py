@@ -2,9 +2,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from click.testing import CliRunner
+
+from detseg.cli import main
 
 # Tests share two cores with each other; one thread per process keeps subprocess tests from oversubscribing.
 torch.set_num_threads(1)
@@ -13,11 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``detseg ARGS`` in a fresh interpreter, capturing its output."""
+    """Run ``detseg ARGS`` in a fresh interpreter (for what must be a real process: kills, torchrun)."""
     return subprocess.run([sys.executable, "-m", "detseg.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+def invoke_cli(*args) -> SimpleNamespace:
+    """Run ``detseg ARGS`` in this process (no interpreter start-up), with the exit code a shell would see."""
+    result = CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+
 @pytest.fixture
 def cli():
-    return run_cli
+    return invoke_cli

@@ -10,7 +10,6 @@ from ..errors import ConfigError
 # study name -> module defining ``run(out: Path, quick: bool) -> dict``
 STUDIES = {
     "scenes": "detseg.bench.scenes",
-    "engine": "detseg.bench.engine",
 }
 
 

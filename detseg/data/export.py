@@ -58,7 +58,8 @@ def _write_split(source: Source, out: Path, split: str, progress: bool) -> tuple
     (out / split).mkdir(parents=True, exist_ok=True)
     (out / "semantic" / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for index in tqdm(range(len(source)), desc=f"writing {split}", unit="img", disable=not progress):
+    # disable=None shows the bar only on a terminal, so logs and error output stay clean.
+    for index in tqdm(range(len(source)), desc=f"writing {split}", unit="img", disable=None if progress else True):
         sample = source.sample(index)
         name = f"{sample.image_id:06d}.png"
         # Noisy images barely compress: zlib level 1 is twice as fast as the default and only ~15% bigger.

@@ -175,7 +175,8 @@ class Trainer:
                                world=self.world, skip=self.step_in_epoch * config["batch_size"])
         loader = self._loader(self.bundle.train, sampler, config["batch_size"])
         self.model.train()
-        bar = tqdm(loader, total=len(loader), desc=f"epoch {self.epoch + 1}", disable=not self.progress,
+        bar = tqdm(loader, total=len(loader), desc=f"epoch {self.epoch + 1}",
+                   disable=None if self.progress else True,  # None: bars only on a terminal
                    leave=False, dynamic_ncols=True, unit="batch", mininterval=0.5)
         tick = time.perf_counter()  # step time includes loading the batch: throughput is what a user waits for
         for batch in bar:

@@ -43,23 +43,26 @@ def stage_widths(width: int, depth: int, max_multiplier: int = 8) -> list[int]:
 
 
 class TinyConvNet(nn.Module):
-    """A stem at full resolution, then ``depth`` stages that each halve the resolution (stride-2 conv + conv).
+    """A stem convolution, then ``depth`` stages that each halve the resolution (stride-2 conv + conv).
+
+    ``stem_stride=2`` starts at half resolution: a quarter of the cost of every layer, for tasks (classification,
+    box and joint regression) that do not need full-resolution features.
 
     ``forward`` returns the last feature map (N, out_channels, H / stride, W / stride); ``forward_stages`` returns
     every level's map (strides 1, 2, 4, ...) for methods that want several scales.
     """
 
-    def __init__(self, width: int = 32, depth: int = 4, in_channels: int = 3):
+    def __init__(self, width: int = 32, depth: int = 4, in_channels: int = 3, stem_stride: int = 1):
         super().__init__()
         widths = stage_widths(width, depth)
-        self.stem = conv_bn_relu(in_channels, widths[0])
+        self.stem = conv_bn_relu(in_channels, widths[0], stride=stem_stride)
         self.stages = nn.ModuleList(
             nn.Sequential(conv_bn_relu(widths[level - 1], widths[level], stride=2),
                           conv_bn_relu(widths[level], widths[level]))
             for level in range(1, depth + 1)
         )
         self.out_channels = widths[-1]
-        self.stride = 2 ** depth
+        self.stride = stem_stride * 2 ** depth
         self.stage_channels = widths
 
     def forward_stages(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -111,10 +114,10 @@ def torchvision_backbone(name: str = "resnet18", fpn: bool = False, weights=None
     return ResNetTrunk(resnet, _RESNET_CHANNELS[name])
 
 
-def build_backbone(name: str = "tiny", width: int = 32, depth: int = 4) -> nn.Module:
+def build_backbone(name: str = "tiny", width: int = 32, depth: int = 4, stem_stride: int = 1) -> nn.Module:
     """``tiny`` -> :class:`TinyConvNet` (``width``, ``depth``); ``resnet18|50`` -> :func:`torchvision_backbone`."""
     if name == "tiny":
-        return TinyConvNet(width=width, depth=depth)
+        return TinyConvNet(width=width, depth=depth, stem_stride=stem_stride)
     if name in BACKBONES:
         return torchvision_backbone(name)
     raise ConfigError(f"backbone={name}: choose one of {', '.join(BACKBONES)}")
@@ -153,9 +156,10 @@ class FeatureVector(nn.Module):
     heads on fixed features first, then fine-tune everything jointly.
     """
 
-    def __init__(self, backbone: str = "tiny", width: int = 16, depth: int = 4, grid: int = 4, hidden: int = 256):
+    def __init__(self, backbone: str = "tiny", width: int = 16, depth: int = 4, stem_stride: int = 2, grid: int = 4,
+                 hidden: int = 256):
         super().__init__()
-        self.backbone = build_backbone(backbone, width, depth)
+        self.backbone = build_backbone(backbone, width, depth, stem_stride)
         self.pooled = PooledMLP(self.backbone.out_channels, grid=grid, hidden=hidden)
         self.out_features = hidden
         self.backbone_frozen = False
@@ -181,6 +185,8 @@ FEATURE_OPTIONS = {
     "backbone": Option("tiny", "feature extractor: tiny|resnet18|resnet50 (random init)", choices=BACKBONES),
     "width": Option(16, "tiny backbone: channels of the first stage", min=4),
     "depth": Option(4, "tiny backbone: number of stride-2 stages", min=1, max=6),
+    "stem_stride": Option(2, "tiny backbone: stride of the first convolution (2 = start at half resolution)",
+                          choices=(1, 2)),
     "grid": Option(4, "features are average-pooled to grid x grid before the fully-connected layer", min=1),
     "hidden": Option(256, "size of the fully-connected feature vector", min=8),
 }

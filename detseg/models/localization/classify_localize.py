@@ -47,13 +47,13 @@ class ClassifyLocalize(nn.Module):
     ``num_classes`` K counts object classes only (7 for the scenes): every image holds exactly one object.
     """
 
-    def __init__(self, num_classes: int = 7, backbone: str = "tiny", width: int = 16, depth: int = 4, grid: int = 4,
-                 hidden: int = 256, box_head: str = "agnostic", box_loss: str = "smooth_l1", box_weight: float = 10.0,
-                 beta: float = 0.05, freeze_epochs: int = 0):
+    def __init__(self, num_classes: int = 7, backbone: str = "tiny", width: int = 16, depth: int = 4,
+                 stem_stride: int = 2, grid: int = 4, hidden: int = 256, box_head: str = "agnostic",
+                 box_loss: str = "smooth_l1", box_weight: float = 10.0, beta: float = 0.05, freeze_epochs: int = 0):
         super().__init__()
-        knobs = check_knobs(OPTIONS, backbone=backbone, width=width, depth=depth, grid=grid, hidden=hidden,
-                            box_head=box_head, box_loss=box_loss, box_weight=box_weight, beta=beta,
-                            freeze_epochs=freeze_epochs)
+        knobs = check_knobs(OPTIONS, backbone=backbone, width=width, depth=depth, stem_stride=stem_stride,
+                            grid=grid, hidden=hidden, box_head=box_head, box_loss=box_loss, box_weight=box_weight,
+                            beta=beta, freeze_epochs=freeze_epochs)
         if num_classes < 1:
             raise ConfigError(f"num_classes={num_classes}: need at least one object class")
         self.num_classes = num_classes
@@ -61,9 +61,12 @@ class ClassifyLocalize(nn.Module):
         self.box_loss, self.box_weight, self.beta = knobs["box_loss"], knobs["box_weight"], knobs["beta"]
         self.freeze_epochs = knobs["freeze_epochs"]      # read by the training schedule, not by forward
 
-        self.features = FeatureVector(knobs["backbone"], knobs["width"], knobs["depth"], knobs["grid"],
-                                      knobs["hidden"])
-        self.class_head = nn.Linear(self.features.out_features, num_classes)
+        self.features = FeatureVector(knobs["backbone"], knobs["width"], knobs["depth"], knobs["stem_stride"],
+                                      knobs["grid"], knobs["hidden"])
+        # Classes from globally averaged features: what an object is does not depend on where it is, and weights
+        # shared across positions learn it from far fewer images than position-specific fully-connected weights.
+        self.class_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                        nn.Linear(self.features.backbone.out_channels, num_classes))
         self.box_head = nn.Linear(self.features.out_features, 4 * (num_classes if self.per_class_boxes else 1))
 
     @classmethod
@@ -75,11 +78,12 @@ class ClassifyLocalize(nn.Module):
         self.features.freeze_backbone(flag)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        vector = self.features(images)                                   # (N, 3, H, W) -> (N, hidden)
+        feature_map = self.features.backbone(images)                     # (N, 3, H, W) -> (N, C, h, w)
+        vector = self.features.pooled(feature_map)                       # (N, C, h, w) -> (N, hidden)
         boxes = torch.sigmoid(self.box_head(vector))                     # (N, 4) or (N, 4K), in [0, 1]
         if self.per_class_boxes:
             boxes = boxes.view(-1, self.num_classes, 4)                  # (N, 4K) -> (N, K, 4)
-        return {"logits": self.class_head(vector), "boxes": boxes}
+        return {"logits": self.class_head(feature_map), "boxes": boxes}  # logits (N, K)
 
     def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
              boxes_gt: torch.Tensor) -> dict[str, torch.Tensor]:

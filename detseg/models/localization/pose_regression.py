@@ -36,14 +36,14 @@ class PoseRegressor(nn.Module):
     ``num_classes`` is accepted for the shared constructor signature and ignored (there is one kind of person).
     """
 
-    def __init__(self, num_classes: int = 1, backbone: str = "tiny", width: int = 16, depth: int = 4, grid: int = 4,
-                 hidden: int = 256, loss: str = "l1"):
+    def __init__(self, num_classes: int = 1, backbone: str = "tiny", width: int = 16, depth: int = 4,
+                 stem_stride: int = 2, grid: int = 4, hidden: int = 256, loss: str = "l1"):
         super().__init__()
-        knobs = check_knobs(OPTIONS, backbone=backbone, width=width, depth=depth, grid=grid, hidden=hidden,
-                            loss=loss)
+        knobs = check_knobs(OPTIONS, backbone=backbone, width=width, depth=depth, stem_stride=stem_stride,
+                            grid=grid, hidden=hidden, loss=loss)
         self.loss_kind = knobs["loss"]
-        self.features = FeatureVector(knobs["backbone"], knobs["width"], knobs["depth"], knobs["grid"],
-                                      knobs["hidden"])
+        self.features = FeatureVector(knobs["backbone"], knobs["width"], knobs["depth"], knobs["stem_stride"],
+                                      knobs["grid"], knobs["hidden"])
         self.joint_head = nn.Linear(self.features.out_features, 2 * NUM_JOINTS)
 
     @classmethod
