@@ -9,6 +9,7 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a screen
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -58,6 +59,7 @@ def plot_curves(path: Path | str, history: list[dict], metric: str) -> None:
     right.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
     for axis in (left, right):
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)

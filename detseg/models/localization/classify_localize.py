@@ -34,7 +34,7 @@ OPTIONS: dict[str, Option] = {
     "box_head": Option("agnostic", "one class-agnostic box, or one box per class (loss on the true class's box): "
                                    "agnostic|per_class", choices=BOX_HEADS),
     "box_loss": Option("smooth_l1", "box regression loss: l2|l1|smooth_l1", choices=REGRESSION_KINDS),
-    "box_weight": Option(10.0, "weight of the box loss in cls + box_weight * box", min=0.0),
+    "box_weight": Option(5.0, "weight of the box loss in cls + box_weight * box", min=0.0),
     "beta": Option(0.05, "smooth_l1: error (in image fractions) below which the loss is quadratic", min=1e-6),
     "freeze_epochs": Option(0, "epochs training only the heads on a frozen backbone before joint fine-tuning", min=0),
 }
@@ -49,7 +49,7 @@ class ClassifyLocalize(nn.Module):
 
     def __init__(self, num_classes: int = 7, backbone: str = "tiny", width: int = 16, depth: int = 4,
                  stem_stride: int = 2, grid: int = 4, hidden: int = 256, box_head: str = "agnostic",
-                 box_loss: str = "smooth_l1", box_weight: float = 10.0, beta: float = 0.05, freeze_epochs: int = 0):
+                 box_loss: str = "smooth_l1", box_weight: float = 5.0, beta: float = 0.05, freeze_epochs: int = 0):
         super().__init__()
         knobs = check_knobs(OPTIONS, backbone=backbone, width=width, depth=depth, stem_stride=stem_stride,
                             grid=grid, hidden=hidden, box_head=box_head, box_loss=box_loss, box_weight=box_weight,
