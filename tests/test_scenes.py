@@ -254,3 +254,21 @@ def test_render_single_object_images_for_classification():
     sample = ScenesSource(24, size=32, seed=7, split="val", single_object=True).sample(5)
     assert np.array_equal(images[5], sample.image)
     assert labels[5] == sample.annotations[0]["category_id"] - 1
+
+
+def test_written_scenes_read_back_through_coco_source_give_identical_tensors(written):
+    """The two data paths (in-memory generator, files on disk via CocoSource) train on exactly the same targets."""
+    import torch
+
+    from detseg.data.coco import CocoSource
+    from detseg.data.dataset import InstanceDataset
+
+    out_dir, _ = written
+    on_disk = InstanceDataset(CocoSource(out_dir / "train.json"))
+    in_memory = InstanceDataset(ScenesSource(len(on_disk), size=SIZE, seed=3))
+    for index in range(len(on_disk)):
+        (image_a, target_a), (image_b, target_b) = on_disk[index], in_memory[index]
+        assert torch.equal(image_a, image_b)
+        for key in ("boxes", "labels", "masks", "keypoints", "iscrowd", "semantic"):
+            assert torch.equal(torch.as_tensor(target_a[key]), torch.as_tensor(target_b[key])), key
+        assert target_a["captions"] == target_b["captions"]
