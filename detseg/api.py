@@ -94,6 +94,9 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     _use_machine_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    placeholder = entry.task.placeholder_info(config, data)
+    if placeholder is not None:
+        entry.build(config, placeholder)  # fail fast on a bad knob combination
     seed_everything(config["seed"])
     bundle = entry.task.make_data(config, data, val)
 
@@ -162,7 +165,9 @@ def predict(checkpoint: str | Path, images: Iterable[str | Path], *, out: str | 
         raise ConfigError("predict: give at least one image file")
     pixels = [load_rgb(path) for path in paths]
     predictions = task.predict(model, pixels, payload["info"], torch.device(device))
-    results = [{"image": str(path), **prediction} for path, prediction in zip(paths, predictions)]
+    # Keys starting with "_" hold arrays for drawing (a label map, say), not for predictions.json.
+    results = [{"image": str(path), **{key: value for key, value in prediction.items() if not key.startswith("_")}}
+               for path, prediction in zip(paths, predictions)]
     if out is not None:
         out = Path(out)
         for path, image, prediction in zip(paths, pixels, predictions):

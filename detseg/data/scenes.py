@@ -97,7 +97,8 @@ class ScenesSource:
     """
 
     def __init__(self, num_images: int, size: int = 128, seed: int = 0, split: str = "train",
-                 single_object: bool = False, centered: bool = False, max_objects: int = 8):
+                 single_object: bool = False, centered: bool = False, max_objects: int = 8,
+                 category_ids: tuple[int, ...] | None = None):
         _check_int("num_images", num_images, 0)
         _check_int("size", size, 16)
         _check_int("max_objects", max_objects, 1, 99)          # annotation id = image_id * 100 + k
@@ -106,6 +107,11 @@ class ScenesSource:
             raise ConfigError(f"scenes: split must be a non-empty string (got {split!r})")
         if centered and not single_object:
             raise ConfigError("scenes: centered=True only applies with single_object=True")
+        known = {category["id"] for category in SCENE_CATEGORIES}
+        if category_ids is not None and (not single_object or not category_ids or set(category_ids) - known):
+            raise ConfigError(f"scenes: category_ids={category_ids!r} needs single_object=True and ids in "
+                              f"{sorted(known)}")
+        self.category_ids = tuple(category_ids) if category_ids else None
         self.num_images, self.size, self.seed, self.split = num_images, size, seed, split
         self.single_object, self.centered, self.max_objects = single_object, centered, max_objects
         self._split_code = zlib.crc32(split.encode())          # stable across runs and processes, unlike hash()
@@ -138,6 +144,8 @@ class ScenesSource:
 
     def _sample_category(self, rng: np.random.Generator) -> int:
         if self.single_object:                                   # balanced classes for classification
+            if self.category_ids:                                # e.g. people only, for pose
+                return int(self.category_ids[rng.integers(len(self.category_ids))])
             return int(rng.integers(1, PERSON_ID + 1))
         if rng.random() < PERSON_PROBABILITY:
             return PERSON_ID

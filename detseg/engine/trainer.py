@@ -174,6 +174,7 @@ class Trainer:
         sampler = EpochSampler(len(self.bundle.train), config["seed"], self.epoch, shuffle=True, rank=self.rank,
                                world=self.world, skip=self.step_in_epoch * config["batch_size"])
         loader = self._loader(self.bundle.train, sampler, config["batch_size"])
+        self.task.on_epoch_start(self.model, self.epoch)
         self.model.train()
         bar = tqdm(loader, total=len(loader), desc=f"epoch {self.epoch + 1}",
                    disable=None if self.progress else True,  # None: bars only on a terminal

@@ -41,12 +41,20 @@ class Task:
     def make_data(self, config: dict, data: str | None, val: str | None) -> DataBundle:
         raise NotImplementedError
 
+    def placeholder_info(self, config: dict, data: str | None) -> dict | None:
+        """A stand-in for the data info, so a model can be built (and its knobs checked) before the data is made:
+        a bad combination of knobs then fails in a second, not after minutes of data generation."""
+        return None
+
     def collate(self, batch: list) -> Any:
         return torch.utils.data.default_collate(batch)
 
     def batch_size_of(self, batch: Any) -> int:
         """Number of images in a collated batch (for throughput)."""
         return len(batch[0])
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """Called before each training epoch (0-based) with the bare model; e.g. to freeze a backbone."""
 
     def losses(self, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
         """Named losses of one training batch; the engine minimises their sum."""
@@ -72,6 +80,29 @@ class Task:
     def validation_images(self, bundle: DataBundle, count: int) -> list[np.ndarray]:
         """A few raw validation images (H, W, 3) uint8 for ``val_predictions.png``."""
         raise NotImplementedError
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper, whose own methods and attributes live there."""
+    return getattr(model, "module", model)
+
+
+def attach_run_options(model: nn.Module, config: dict, keys: tuple[str, ...]) -> nn.Module:
+    """Give the model the few run options its task needs at step time (flips, crop counts, eval stride).
+
+    Tasks are shared by every run, so per-run settings travel with the model instead of living on the task.
+    """
+    model.run_options = {key: config[key] for key in keys}
+    return model
+
+
+def knobs_of(options: dict, config: dict) -> dict:
+    """The part of a run config that a model constructor takes (its ``OPTIONS`` keys)."""
+    return {key: config[key] for key in options}
+
+
+def run_options(model: nn.Module) -> dict:
+    return getattr(unwrap(model), "run_options", {})
 
 
 @dataclass

@@ -49,6 +49,15 @@ class ClassificationTask(Task):
         }
         return DataBundle(dataset.train_dataset(), dataset.val_dataset(), info, extras={"data": dataset})
 
+    def placeholder_info(self, config: dict, data: str | None) -> dict | None:
+        name = data or config["dataset"]
+        if name not in DATASETS:
+            return None  # make_data reports it
+        image = name in ("scenes", "digits_images")
+        shape = [3, config["image_size"], config["image_size"]] if image else [2]
+        return {"kind": "image" if image else "vector", "input_shape": shape, "num_classes": 2,
+                "class_names": ["a", "b"], "dataset": name}
+
     def losses(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
         inputs, labels = batch
         logits = model(inputs.to(device))
