@@ -64,7 +64,7 @@ class SegmentationTask(Task):
             # The lecture's baseline trains on crops: each crop is labelled with its centre pixel's class.
             crops_per_image = run_options(model)["crops_per_image"]
             crops, labels = unwrap(model).sample_crops(images, semantic.long(), crops_per_image)
-            return {"pixel_ce": F.cross_entropy(model(crops), labels)}
+            return {"pixel_ce": F.cross_entropy(model(crops), labels, ignore_index=255)}
         return {"pixel_ce": pixel_cross_entropy(model(images), semantic.long())}
 
     def _scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ class SegmentationTask(Task):
 
 
 TASK = SegmentationTask()
-SEG_TRAINING = {"lr": Option(3e-3, "peak learning rate", min=0), "batch_size": Option(16, "images per step", min=1),
+SEG_TRAINING = {"lr": Option(1e-3, "peak learning rate", min=0), "batch_size": Option(16, "images per step", min=1),
                 "epochs": Option(20, "passes over the training set", min=0)}
 
 

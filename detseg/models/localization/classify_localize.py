@@ -1,7 +1,9 @@
 """Classification + localization: one object per image, its class and its box, from one network.
 
-The lecture treats localization as regression: the classifier's feature vector feeds two heads, K class scores
-(softmax loss) and 4 box numbers (an L2, L1 or smooth-L1 loss against the true box). Training minimises the weighted
+The lecture treats localization as regression: one backbone feeds two heads, K class scores (softmax loss) and 4
+box numbers (an L2, L1 or smooth-L1 loss against the true box). The class head reads globally averaged features
+(what an object is does not depend on where it is); the box head reads a fully-connected vector of features pooled
+on a coarse grid, which still knows where the evidence lies. Training minimises the weighted
 sum ``cls + box_weight * box`` - a multi-task loss whose weight is a hyperparameter that changes the loss itself, so
 runs with different weights are compared by their metrics (top-1, box IoU, loc accuracy), never by the loss.
 
@@ -63,8 +65,8 @@ class ClassifyLocalize(nn.Module):
 
         self.features = FeatureVector(knobs["backbone"], knobs["width"], knobs["depth"], knobs["stem_stride"],
                                       knobs["grid"], knobs["hidden"])
-        # Classes from globally averaged features: what an object is does not depend on where it is, and weights
-        # shared across positions learn it from far fewer images than position-specific fully-connected weights.
+        # Classes from globally averaged features: the same weights serve every position, so "what" need not be
+        # learned separately for every place the object can be.
         self.class_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                         nn.Linear(self.features.backbone.out_channels, num_classes))
         self.box_head = nn.Linear(self.features.out_features, 4 * (num_classes if self.per_class_boxes else 1))

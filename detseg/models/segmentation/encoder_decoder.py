@@ -11,9 +11,10 @@ level of the decoder pairs with one level of the encoder:
   one skip, FCN-8s two; ``skips=depth`` fuses every level down to full resolution), bringing back the fine detail
   the bottleneck lost.
 
-Shapes for 128 px input, width 16, depth 4: (N,3,128,128) -> 16@128 -> 32@64 -> 64@32 -> 128@16 -> 128@8 (the
-bottleneck) -> back up to 16@128 -> (N, num_classes, 128, 128). Inputs whose sides are not multiples of
-``2**depth`` are zero-padded on the bottom/right and the scores cropped back.
+Shapes for 128 px input, width 8, depth 4: (N,3,128,128) -> 8@128 -> 16@64 -> 32@32 -> 64@16 -> 64@8 (the
+bottleneck) -> back up to 8@128 -> (N, num_classes, 128, 128). Inputs whose sides are not multiples of
+``2**depth`` are zero-padded on the bottom/right and the scores cropped back. ``stem_stride=2`` starts the encoder
+at half resolution and ends with FCN's bilinear upsampling of the scores: a quarter of the cost, coarser edges.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from ..backbones import conv_bn_relu, stage_widths
 DOWN_KINDS = ("maxpool", "strided")
 
 OPTIONS: dict[str, Option] = {
-    "width": Option(16, "channels at full resolution; doubled per level, capped at 8x", min=4),
+    "width": Option(8, "channels at full resolution; doubled per level, capped at 8x", min=4),
     "depth": Option(4, "number of 2x downsamplings (and of upsamplings)", min=1, max=6),
     "down": Option("maxpool", "downsampling: maxpool|strided (strided = 3x3 convolution, stride 2)",
                    choices=DOWN_KINDS),
@@ -39,6 +40,8 @@ OPTIONS: dict[str, Option] = {
     "kernel": Option(4, "kernel of the stride-2 transposed convolution (up=transposed)", choices=TRANSPOSED_KERNELS),
     "skips": Option(2, "skip connections from the encoder, coarsest first (0 = none, 1 = FCN-16s, 2 = FCN-8s, "
                        "depth = every level)", min=0),
+    "stem_stride": Option(1, "stride of the first convolution; 2 runs the whole network at half resolution and "
+                             "upsamples the scores bilinearly (4x cheaper)", choices=(1, 2)),
 }
 DEFAULTS = defaults_of(OPTIONS)
 
@@ -67,12 +70,13 @@ class EncoderDecoder(nn.Module):
     ``num_classes`` counts background (8 for the scenes: 7 object classes + background).
     """
 
-    def __init__(self, num_classes: int = 8, width: int = 16, depth: int = 4, down: str = "maxpool",
-                 up: str = "transposed", kernel: int = 4, skips: int = 2):
+    def __init__(self, num_classes: int = 8, width: int = 8, depth: int = 4, down: str = "maxpool",
+                 up: str = "transposed", kernel: int = 4, skips: int = 2, stem_stride: int = 1):
         super().__init__()
-        knobs = check_knobs(OPTIONS, width=width, depth=depth, down=down, up=up, kernel=kernel, skips=skips)
-        width, depth, down, up, kernel, skips = (knobs[k] for k in ("width", "depth", "down", "up", "kernel",
-                                                                    "skips"))
+        knobs = check_knobs(OPTIONS, width=width, depth=depth, down=down, up=up, kernel=kernel, skips=skips,
+                            stem_stride=stem_stride)
+        width, depth, down, up, kernel, skips, stem_stride = (
+            knobs[k] for k in ("width", "depth", "down", "up", "kernel", "skips", "stem_stride"))
         if up == "max_unpool" and down != "maxpool":
             raise ConfigError(f"up=max_unpool needs down=maxpool (it reuses the max-pool's indices); got down={down}")
         if skips > depth:
@@ -80,11 +84,13 @@ class EncoderDecoder(nn.Module):
         if num_classes < 2:
             raise ConfigError(f"num_classes={num_classes}: segmentation needs at least 2 classes (with background)")
         self.num_classes, self.depth, self.down_kind, self.up_kind = num_classes, depth, down, up
-        self.skips = skips
+        self.skips, self.stem_stride = skips, stem_stride
         widths = stage_widths(width, depth)
 
-        # Encoder: level 0 at full resolution, then `depth` levels of (downsample, two convolutions).
-        self.encoder_stem = nn.Sequential(conv_bn_relu(3, widths[0]), conv_bn_relu(widths[0], widths[0]))
+        # Encoder: level 0 at full resolution (or half, with stem_stride=2), then `depth` levels of (downsample, two
+        # convolutions).
+        self.encoder_stem = nn.Sequential(conv_bn_relu(3, widths[0], stride=stem_stride),
+                                          conv_bn_relu(widths[0], widths[0]))
         self.downs = nn.ModuleList(
             nn.MaxPool2d(2, return_indices=True) if down == "maxpool"
             else conv_bn_relu(widths[level - 1], widths[level - 1], stride=2)
@@ -107,11 +113,11 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        multiple = 2 ** self.depth
+        multiple = self.stem_stride * 2 ** self.depth
         pad_h, pad_w = -height % multiple, -width % multiple
         x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
-        features = [self.encoder_stem(x)]                 # level 0: (N, w, H, W)
+        features = [self.encoder_stem(x)]                 # level 0: (N, w, H, W), or H/2 x W/2 with stem_stride=2
         pool_indices = []
         for down, level in zip(self.downs, self.encoder_levels):
             if self.down_kind == "maxpool":
@@ -125,4 +131,6 @@ class EncoderDecoder(nn.Module):
         for level in range(self.depth, 0, -1):
             x = self.decoder_levels[level - 1](x, features[level - 1], pool_indices[level - 1])
         scores = self.classifier(x)                       # (N, w, H, W) -> (N, num_classes, H, W)
+        if self.stem_stride > 1:                          # FCN's last step: bilinear upsampling of the scores
+            scores = F.interpolate(scores, scale_factor=self.stem_stride, mode="bilinear", align_corners=False)
         return scores[..., :height, :width]
