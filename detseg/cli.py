@@ -158,5 +158,27 @@ def bench_command(study, out, quick) -> None:
     run_study(study, out=out, quick=quick)
 
 
+@main.command("hyperquest")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--db", "db_url", default=None, help="Database URL (default: sqlite in --data-dir; postgresql://... works).")
+@click.option("--data-dir", default="hyperquest", show_default=True, type=click.Path(file_okay=False),
+              help="Checkpoints, cached data sets and the cookie secret.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Training processes.")
+@click.option("--epoch-limit", default=20, show_default=True, type=click.IntRange(1, 200))
+@click.option("--dataset-pool", default=20, show_default=True, type=click.IntRange(1, 100000),
+              help="How many different data sets trials draw from.")
+@click.option("--admin-token", default=None, envvar="DETSEG_HYPERQUEST_ADMIN_TOKEN",
+              help="Token for /admin/export (default: random, printed at start).")
+def hyperquest_command(host, port, db_url, data_dir, workers, epoch_limit, dataset_pool, admin_token) -> None:
+    """Run HyperQuest, the hyperparameter game, as a web server."""
+    from .hyperquest import Settings
+    from .hyperquest.app import serve
+
+    settings = Settings.create(db_url, data_dir, workers=workers, epoch_limit=epoch_limit,
+                               dataset_pool=dataset_pool, admin_token=admin_token or "")
+    serve(settings, host=host, port=port)
+
+
 if __name__ == "__main__":
     main()

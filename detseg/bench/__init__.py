@@ -10,6 +10,7 @@ from ..errors import ConfigError
 # study name -> module defining ``run(out: Path, quick: bool) -> dict``
 STUDIES = {
     "scenes": "detseg.bench.scenes",
+    "hyperquest": "detseg.bench.hyperquest",
 }
 
 

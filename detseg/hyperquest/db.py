@@ -11,8 +11,11 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from ..errors import ConfigError
+
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event)
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -89,6 +92,7 @@ class Checkpoint(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
     architecture: Mapped[dict] = mapped_column(JSON)
+    layers: Mapped[list] = mapped_column(JSON, default=list)        # growth.describe() of the network, for the page
     hparams: Mapped[dict] = mapped_column(JSON)
     note: Mapped[str] = mapped_column(Text, default="")
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -153,10 +157,12 @@ class Database:
         self.url = normalize_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
         if self.is_sqlite:
-            self.engine = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
+            # Request threads (FastAPI's pool has 40) and worker callbacks share the engine: enough connections.
+            self.engine = create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30},
+                                        pool_size=10, max_overflow=40)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=10, max_overflow=40)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_all(self) -> None:
@@ -175,6 +181,22 @@ class Database:
         self.engine.dispose()
 
 
+def check_connection(url: str) -> None:
+    """Fail early, in one line, on a malformed URL or a database that cannot be reached."""
+    try:
+        database = Database(url)
+    except (ArgumentError, NoSuchModuleError) as error:
+        raise ConfigError(f"--db {url}: not a usable database URL ({error})") from None
+    try:
+        with database.engine.connect():
+            pass
+    except OperationalError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        raise ConfigError(f"--db: cannot connect to the database ({reason})") from None
+    finally:
+        database.dispose()
+
+
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -188,5 +210,7 @@ def row_dict(row: Base) -> dict:
     out = {}
     for column in row.__table__.columns:
         value = getattr(row, column.key)
-        out[column.key] = value.isoformat() if isinstance(value, datetime) else value
+        if isinstance(value, datetime):
+            value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()  # SQLite drops tz
+        out[column.key] = value
     return out

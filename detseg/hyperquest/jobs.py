@@ -1,16 +1,20 @@
-"""What a worker process runs: generate a data set, train one epoch of a trial, compute a baseline.
+"""What a worker process runs: generate a data set, train one epoch (of a trial or a baseline), grow a network.
 
 Each job reads files and returns plain data: the server decides what the result means for the game and writes the
 database. A job writes its checkpoint to a path the server chose before queueing it, so a job that finishes after
 its server died leaves only an unreferenced file, never a half-recorded epoch.
+
+This module is what the server refers to when it queues work, so it imports torch only inside the jobs: the web
+server itself starts without loading torch (a background thread warms the imports up after start-up).
 """
 from __future__ import annotations
 
-from ..growth import describe
-from .tasks import load_dataset, prepare_dataset
-from .training import build_network, make_trainer, restore, save_state, train_one_epoch
 
-__all__ = ["prepare_dataset", "epoch_job"]
+def prepare_dataset(spec: dict, path: str) -> dict:
+    """Generate (or find) the data set of ``spec`` at ``path``; its summary (see :func:`.tasks.prepare_dataset`)."""
+    from .tasks import prepare_dataset as prepare
+
+    return prepare(spec, path)
 
 
 def epoch_job(dataset_path: str, source: str | None, target: str, network: dict, hparams: dict, seed: int) -> dict:
@@ -18,6 +22,10 @@ def epoch_job(dataset_path: str, source: str | None, target: str, network: dict,
 
     Returns the epoch's metrics (see :func:`.training.train_one_epoch`), the architecture and the layer table.
     """
+    from ..growth import describe
+    from .tasks import load_dataset
+    from .training import build_network, make_trainer, restore, save_state, train_one_epoch
+
     data = load_dataset(dataset_path)
     if source is None:
         model = build_network(network, data.input_shape, data.num_classes, hparams["dropout"], seed)
@@ -28,3 +36,17 @@ def epoch_job(dataset_path: str, source: str | None, target: str, network: dict,
     result["architecture"] = save_state(target, trainer)
     result["layers"] = describe(trainer.model)
     return result
+
+
+def grow_job(source: str, target: str, how: str, layer: int, factor: float, hparams: dict, seed: int) -> dict:
+    """Net2Net on checkpoint ``source`` into ``target`` (see :func:`.training.grow_checkpoint`). Milliseconds: the
+    server runs it in the request's thread. A request the network cannot take raises ``ValueError``."""
+    from .training import grow_checkpoint
+
+    return grow_checkpoint(source, target, how, layer, factor, hparams, seed)
+
+
+def warm_up() -> None:
+    """Import what the jobs need, so that the first one does not wait for it."""
+    from . import tasks, training  # noqa: F401
+    from ..data import classification  # noqa: F401

@@ -6,6 +6,9 @@ one compete on its leaderboard, and its baselines are computed once. A data set 
 mixtures or spirals; 2-10 classes, 5,000-10,000 training and 1,000-2,000 validation examples) and written to the
 data directory, because rendering 10,000 scene images takes ~10 s and every epoch of every player needs the data:
 a worker loads the file (memory-mapped, then cached in the process) instead of rendering again.
+
+torch and the generators are imported inside the functions: the web server imports this module, and it should
+start in a second, not wait for torch (which only the workers need).
 """
 from __future__ import annotations
 
@@ -14,11 +17,6 @@ import io
 import json
 from functools import lru_cache
 from pathlib import Path
-
-import torch
-
-from ..config import atomic_write_bytes
-from ..data.classification import ClassificationData, make_classification_data, random_task_spec
 
 DESCRIPTIONS = {
     "scenes": "single-object scenes: a shape or a stick figure on a textured background",
@@ -32,6 +30,8 @@ DESCRIPTIONS = {
 
 def pool_spec(pool_seed: int, pool_index: int, train_range: tuple[int, int], val_range: tuple[int, int]) -> dict:
     """The generator arguments of data set ``pool_index`` of the pool ``pool_seed`` (deterministic)."""
+    from ..data.classification import random_task_spec
+
     return random_task_spec(pool_seed * 1_000_003 + pool_index, train_range=tuple(train_range),
                             val_range=tuple(val_range))
 
@@ -42,7 +42,7 @@ def cache_path(data_dir: Path, pool_index: int, spec: dict) -> Path:
     return Path(data_dir) / "datasets" / f"{pool_index:04d}-{spec['name']}-{digest}.pt"
 
 
-def summarize(data: ClassificationData, spec: dict) -> dict:
+def summarize(data, spec: dict) -> dict:
     """What the page shows about a data set: kind, input shape, classes, sizes, balance, where it comes from."""
     summary = data.summary()
     summary["description"] = DESCRIPTIONS.get(spec["name"], spec["name"])
@@ -56,6 +56,11 @@ def prepare_dataset(spec: dict, path: str) -> dict:
     Images are stored as float16 (half the disk and read time; the inputs are already normalised, so the rounding
     is far below the pixel noise) and every trial and baseline reads the same stored values.
     """
+    import torch
+
+    from ..config import atomic_write_bytes
+    from ..data.classification import make_classification_data
+
     if Path(path).is_file():
         return summarize(load_dataset(path), spec)
     data = make_classification_data(**spec)
@@ -71,8 +76,13 @@ def prepare_dataset(spec: dict, path: str) -> dict:
 
 
 @lru_cache(maxsize=4)
-def load_dataset(path: str) -> ClassificationData:
-    """The stored data set (float32 tensors); a worker keeps the last few in memory."""
+def load_dataset(path: str):
+    """The stored data set as a :class:`~detseg.data.classification.ClassificationData` of float32 tensors; a
+    worker keeps the last few in memory."""
+    import torch
+
+    from ..data.classification import ClassificationData
+
     payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return ClassificationData(
         name=payload["name"], kind=payload["kind"],

@@ -131,25 +131,6 @@ def train_one_epoch(trainer: Trainer) -> dict:
             "val_acc": float(metrics["top1"]), "diverged": diverged, "seconds": seconds}
 
 
-def fit(data: ClassificationData, network: dict, hparams: dict, epochs: int, seed: int) -> dict:
-    """Train a fresh network for ``epochs`` epochs (the baselines): the best and final validation accuracy.
-
-    "Best" is what a player gets by reverting to their best epoch before stopping; a diverged run stops early.
-    """
-    model = build_network(network, data.input_shape, data.num_classes, hparams["dropout"], seed)
-    trainer = make_trainer(model, data, hparams, seed)
-    history = []
-    for _ in range(epochs):
-        row = train_one_epoch(trainer)
-        history.append(row)
-        if row["diverged"]:
-            break
-    scores = [row["val_acc"] for row in history if not row["diverged"]]
-    return {"best_val_acc": max(scores, default=None), "final_val_acc": history[-1]["val_acc"],
-            "diverged": history[-1]["diverged"], "epochs": len(history),
-            "seconds": sum(row["seconds"] for row in history)}
-
-
 # ---- growing ---------------------------------------------------------------------------------------------------
 def grow_checkpoint(source: str | Path, target: str | Path, how: str, layer: int, factor: float, hparams: dict,
                     seed: int) -> dict:
@@ -166,7 +147,3 @@ def grow_checkpoint(source: str | Path, target: str | Path, how: str, layer: int
     trainer.rebuild_optimizer()
     return {"architecture": save_state(target, trainer), "layers": describe(grown)}
 
-
-def layer_table(arch: dict) -> list[dict]:
-    """The page's table of layers (index, kind, width, params) of a stored architecture."""
-    return describe(rebuild(arch))

@@ -14,7 +14,10 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
+import sys
 import threading
+import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -39,10 +42,21 @@ class Job:
 
 
 def init_worker(threads: int) -> None:
-    """Worker-process start: one torch thread each, so N workers use N cores and the server keeps its own."""
-    import torch
+    """Worker-process start: ``threads`` torch threads each (one by default), so N workers use N cores and the
+    server keeps its own. Set through the environment, which torch reads when a job first imports it: starting a
+    worker stays cheap."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    # A worker outlives a server that was killed (or exited while it trained): it would wait for work forever.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
 
-    torch.set_num_threads(threads)
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class FairQueue:
@@ -86,12 +100,13 @@ class FairQueue:
             executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- queueing -----------------------------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, front: bool = False) -> None:
+        """Queue ``job`` at the end of its lane (``front``: next in its lane, e.g. the next step of a chain)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the queue is shut down")
             lane = self._lanes.setdefault(job.lane, deque())
-            lane.append(job)
+            lane.appendleft(job) if front else lane.append(job)
             if job.lane not in self._turns:
                 self._turns.append(job.lane)
         self._dispatch()

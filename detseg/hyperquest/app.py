@@ -1,0 +1,193 @@
+"""The web application: FastAPI routes over :class:`~.game.Game`, a signed session cookie, the admin export.
+
+Routes (JSON unless said otherwise)::
+
+    GET  /                          the game (one page: static/index.html)
+    POST /api/login                 {player_id, name} -> sets the session cookie
+    POST /api/logout
+    GET  /api/me                    the logged-in player
+    POST /api/survey                deep-learning experience (once, before the first trial)
+    GET  /api/limits                caps and defaults of every input
+    POST /api/trials                start a trial on a random data set
+    GET  /api/trials                my trials
+    GET  /api/trials/{id}           one of my trials: state, data set, history, network, result
+    POST /api/trials/{id}/actions   {"action": "train" | "grow" | "revert" | "stop", ...}
+    GET  /api/leaderboard[?dataset_id=]
+    GET  /api/status                the work queue
+    GET  /admin/export?format=json|csv&table=...   (admin token: Authorization: Bearer T, or ?token=T)
+    GET  /vendor/plotly.min.js      plotly.js from the installed plotly package (no CDN)
+
+The cookie only carries the player's database id, signed with the server's secret (itsdangerous, through
+Starlette's session middleware), so it cannot be forged; every trial route checks that the trial is the player's.
+Request handlers are plain functions: FastAPI runs them in its thread pool, so a slow database never blocks the
+event loop, and training never happens in the server at all (see :mod:`.worker`).
+"""
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.middleware.sessions import SessionMiddleware
+
+from . import schemas
+from .db import TABLES
+from .game import Game, GameError
+from .settings import Settings, limits
+from .views import to_csv
+
+STATIC = Path(__file__).parent / "static"
+SESSION_DAYS = 14
+
+
+def plotly_js() -> Path:
+    """plotly.min.js as shipped inside the ``plotly`` Python package."""
+    return Path(str(files("plotly") / "package_data" / "plotly.min.js"))
+
+
+class NotLoggedIn(GameError):
+    status = 401
+
+
+def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
+    """The application; the game (database, worker pool) starts and stops with it."""
+    game = game or Game(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        game.start()
+        yield
+        game.stop()
+
+    app = FastAPI(title="HyperQuest", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+    app.state.game = game
+    app.add_middleware(GZipMiddleware, minimum_size=2048)
+    app.add_middleware(SessionMiddleware, secret_key=settings.secret_key, session_cookie="hyperquest_session",
+                       max_age=SESSION_DAYS * 86400, same_site="lax")
+
+    @app.middleware("http")
+    async def json_only(request: Request, call_next):
+        # A cross-site form can post urlencoded or text bodies without a CORS preflight, never JSON: refusing
+        # anything else on the API is what makes the cookie safe against cross-site requests.
+        if request.method == "POST" and request.url.path.startswith("/api/"):
+            content_type = request.headers.get("content-type")
+            if content_type is not None and not content_type.startswith("application/json"):
+                return JSONResponse({"detail": "send JSON (Content-Type: application/json)"}, status_code=415)
+        return await call_next(request)
+
+    @app.exception_handler(GameError)
+    async def game_error(_request: Request, error: GameError):
+        return JSONResponse({"detail": str(error)}, status_code=error.status)
+
+    def player_id(request: Request) -> int:
+        value = request.session.get("player")
+        if not isinstance(value, int):
+            raise NotLoggedIn("log in first")
+        return value
+
+    # ---- pages --------------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/vendor/plotly.min.js", include_in_schema=False)
+    def plotly():
+        return FileResponse(plotly_js(), media_type="text/javascript",
+                            headers={"Cache-Control": "public, max-age=86400"})
+
+    # ---- players ------------------------------------------------------------------------------------------------
+    @app.post("/api/login")
+    def login(request: Request, body: schemas.Login):
+        player = game.login(body.player_id, body.name)
+        request.session.clear()
+        request.session["player"] = player["id"]
+        return player
+
+    @app.post("/api/logout")
+    def logout(request: Request):
+        request.session.clear()
+        return {"ok": True}
+
+    @app.get("/api/me")
+    def me(player: int = Depends(player_id)):
+        try:
+            return game.player(player)
+        except GameError as error:           # a cookie of a player that no longer exists (database reset)
+            raise NotLoggedIn(str(error)) from None
+
+    @app.post("/api/survey")
+    def survey(body: schemas.Survey, player: int = Depends(player_id)):
+        return game.submit_survey(player, body.model_dump())
+
+    @app.get("/api/limits")
+    def get_limits():
+        return {**limits(), "epoch_limit": settings.epoch_limit, "baseline_draws": settings.baseline_draws}
+
+    # ---- trials -------------------------------------------------------------------------------------------------
+    @app.post("/api/trials")
+    def new_trial(player: int = Depends(player_id)):
+        return game.new_trial(player)
+
+    @app.get("/api/trials")
+    def list_trials(player: int = Depends(player_id)):
+        return game.trials(player)
+
+    @app.get("/api/trials/{trial_id}")
+    def get_trial(trial_id: int, player: int = Depends(player_id)):
+        return game.view(player, trial_id)
+
+    @app.post("/api/trials/{trial_id}/actions")
+    def act(trial_id: int, body: schemas.TrialAction, player: int = Depends(player_id)):
+        return game.act(player, trial_id, body)
+
+    @app.get("/api/leaderboard")
+    def get_leaderboard(dataset_id: int | None = None):
+        return game.leaderboard(dataset_id)
+
+    @app.get("/api/status")
+    def status():
+        return game.queue.stats()
+
+    # ---- research export ----------------------------------------------------------------------------------------
+    @app.get("/admin/export")
+    def export(request: Request, format: Literal["json", "csv"] = "json",
+               table: Literal[tuple(TABLES)] | None = Query(None), token: str | None = None):
+        given = token or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not given or not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
+            return JSONResponse({"detail": "admin token required"}, status_code=403)
+        if format == "json":
+            tables = [table] if table else list(TABLES)
+            return {name: game.export(name) for name in tables}
+        if table is None:
+            return JSONResponse({"detail": f"format=csv needs table= one of {', '.join(TABLES)}"}, status_code=422)
+        return PlainTextResponse(to_csv(game.export(table)), media_type="text/csv",
+                                 headers={"Content-Disposition": f'attachment; filename="hyperquest-{table}.csv"'})
+
+    @app.get("/healthz", include_in_schema=False)
+    def health():
+        return Response("ok", media_type="text/plain")
+
+    return app
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server (the ``detseg hyperquest`` command) until interrupted."""
+    import uvicorn
+    from sqlalchemy.engine import make_url
+
+    from .db import check_connection
+
+    check_connection(settings.db_url)
+    database = make_url(settings.db_url).render_as_string(hide_password=True)
+    print(f"HyperQuest on http://{host}:{port}/  (database {database}, data in {settings.data_dir})",
+          flush=True)
+    print(f"research export: http://{host}:{port}/admin/export?token={settings.admin_token}", flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
