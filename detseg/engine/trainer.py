@@ -99,6 +99,7 @@ class Trainer:
         self.best_epoch = 0
         self.stopped_by_budget = False
         self._last_checkpoint_time = time.monotonic()
+        self._extras: dict[str, Any] = {}   # what checkpoints carry besides the state (model name, config, info)
 
     # ---- construction -------------------------------------------------------------------------------------------
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -286,12 +287,9 @@ class Trainer:
     def save(self, path, **extra: Any) -> None:
         if self.rank != 0:
             return
-        save_checkpoint(path, {**self.state_dict(), **extra, **(self.checkpoint_extras())})
+        save_checkpoint(path, {**self.state_dict(), **extra, **self._extras})
         self._last_checkpoint_time = time.monotonic()
 
-    def checkpoint_extras(self) -> dict[str, Any]:
-        """What a checkpoint carries besides the state, so it can be used alone (set by the API)."""
-        return getattr(self, "_extras", {})
-
     def set_checkpoint_extras(self, **extras: Any) -> None:
+        """What every checkpoint carries besides the state, so it can be used alone (model name, config, info)."""
         self._extras = extras
