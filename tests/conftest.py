@@ -28,6 +28,16 @@ def invoke_cli(*args) -> SimpleNamespace:
     return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
+def set_at(path, value):
+    """A change for a nested fixture dict: ``set_at(["images", 0, "width"], -1)(data)`` sets that field."""
+    def change(data):
+        target = data
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return change
+
+
 @pytest.fixture
 def cli():
     return invoke_cli

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from .conftest import set_at
+
 
 def _one_line_error(result, *fragments):
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
@@ -118,22 +120,13 @@ def _coco(tmp_path, mutate=None):
     return path
 
 
-def _set(path, value):
-    def mutate(data):
-        target = data
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = value
-    return mutate
-
-
 @pytest.mark.parametrize("mutate, fragments", [
-    (_set(["annotations", 0, "bbox"], [5, 5, -20, 10]), ["annotation id 10", "bbox", "-20"]),
-    (_set(["annotations", 0, "bbox"], [50, 5, 20, 10]), ["annotation id 10", "bbox"]),
-    (_set(["annotations", 0, "category_id"], 9), ["annotation id 10", "category_id", "9"]),
-    (_set(["annotations", 0, "image_id"], 77), ["annotation id 10", "image_id", "77"]),
-    (_set(["images", 1, "file_name"], "gone.png"), ["image id 2", "gone.png"]),
-    (_set(["images", 0, "width"], -60), ["image id 1", "width", "-60"]),
+    (set_at(["annotations", 0, "bbox"], [5, 5, -20, 10]), ["annotation id 10", "bbox", "-20"]),
+    (set_at(["annotations", 0, "bbox"], [50, 5, 20, 10]), ["annotation id 10", "bbox"]),
+    (set_at(["annotations", 0, "category_id"], 9), ["annotation id 10", "category_id", "9"]),
+    (set_at(["annotations", 0, "image_id"], 77), ["annotation id 10", "image_id", "77"]),
+    (set_at(["images", 1, "file_name"], "gone.png"), ["image id 2", "gone.png"]),
+    (set_at(["images", 0, "width"], -60), ["image id 1", "width", "-60"]),
 ])
 def test_malformed_coco_is_one_line_and_exit_2(cli, tmp_path, mutate, fragments):
     path = _coco(tmp_path, mutate)

@@ -16,6 +16,8 @@ from detseg.data.images import load_rgb
 from detseg.data.voc import VOC_CLASSES, VocSource
 from detseg.errors import DataError
 
+from .conftest import set_at
+
 # ---------------------------------------------------------------------------------------------------------------
 # images
 
@@ -148,64 +150,54 @@ def _edit(change):
     return data
 
 
-def _set(path, value):
-    """A change that sets data[k1][k2]...[kn] = value."""
-    def change(data):
-        target = data
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = value
-    return change
-
-
 MALFORMED_COCO = {
     "truncated json": (json.dumps(valid_coco())[:-30], ["invalid JSON at line 1 column"]),
     "top level list": ("[1, 2]", ["top level must be a JSON object", "'list'"]),
     "missing categories": (_edit(lambda d: d.pop("categories")), ["missing top-level key 'categories'"]),
-    "duplicate image id": (_edit(_set(["images", 1, "id"], 1)), ["duplicate image id 1", "images[1].id"]),
-    "duplicate annotation id": (_edit(_set(["annotations", 2, "id"], 10)),
+    "duplicate image id": (_edit(set_at(["images", 1, "id"], 1)), ["duplicate image id 1", "images[1].id"]),
+    "duplicate annotation id": (_edit(set_at(["annotations", 2, "id"], 10)),
                                 ["duplicate annotation id 10", "annotations[2].id"]),
-    "duplicate category id": (_edit(_set(["categories", 1, "id"], 3)), ["duplicate category id 3"]),
-    "zero width": (_edit(_set(["images", 0, "width"], 0)), ["image id 1", "'width'", "positive", "got 0"]),
-    "negative height": (_edit(_set(["images", 1, "height"], -4)), ["image id 2", "'height'", "got -4"]),
-    "dangling image_id": (_edit(_set(["annotations", 1, "image_id"], 99)),
+    "duplicate category id": (_edit(set_at(["categories", 1, "id"], 3)), ["duplicate category id 3"]),
+    "zero width": (_edit(set_at(["images", 0, "width"], 0)), ["image id 1", "'width'", "positive", "got 0"]),
+    "negative height": (_edit(set_at(["images", 1, "height"], -4)), ["image id 2", "'height'", "got -4"]),
+    "dangling image_id": (_edit(set_at(["annotations", 1, "image_id"], 99)),
                           ["annotation id 11", "'image_id'", "refers to no image", "got 99"]),
-    "unknown category": (_edit(_set(["annotations", 0, "category_id"], 42)),
+    "unknown category": (_edit(set_at(["annotations", 0, "category_id"], 42)),
                          ["annotation id 10", "'category_id'", "got 42"]),
-    "bbox of 3": (_edit(_set(["annotations", 0, "bbox"], [1, 2, 3])),
+    "bbox of 3": (_edit(set_at(["annotations", 0, "bbox"], [1, 2, 3])),
                   ["image id 1", "annotation id 10", "'bbox'", "4 finite numbers", "[1, 2, 3]"]),
-    "bbox not numbers": (_edit(_set(["annotations", 0, "bbox"], [1, "2", 3, 4])), ["'bbox'", "[1, '2', 3, 4]"]),
-    "bbox infinite": (_edit(_set(["annotations", 0, "bbox"], [1, 2, float("inf"), 4])), ["'bbox'", "inf"]),
-    "negative box width": (_edit(_set(["annotations", 0, "bbox"], [5, 2, -3, 4])),
+    "bbox not numbers": (_edit(set_at(["annotations", 0, "bbox"], [1, "2", 3, 4])), ["'bbox'", "[1, '2', 3, 4]"]),
+    "bbox infinite": (_edit(set_at(["annotations", 0, "bbox"], [1, 2, float("inf"), 4])), ["'bbox'", "inf"]),
+    "negative box width": (_edit(set_at(["annotations", 0, "bbox"], [5, 2, -3, 4])),
                            ["annotation id 10", "'bbox'", ">= 0", "[5, 2, -3, 4]"]),
-    "bbox outside": (_edit(_set(["annotations", 1, "bbox"], [25, 0, 10, 5])),
+    "bbox outside": (_edit(set_at(["annotations", 1, "bbox"], [25, 0, 10, 5])),
                      ["annotation id 11", "'bbox'", "outside the 30x20 image", "[25, 0, 10, 5]"]),
-    "polygon too short": (_edit(_set(["annotations", 0, "segmentation"], [[1, 1, 5, 1]])),
+    "polygon too short": (_edit(set_at(["annotations", 0, "segmentation"], [[1, 1, 5, 1]])),
                           ["annotation id 10", "'segmentation[0]'", "has 4", "[1, 1, 5, 1]"]),
-    "polygon odd": (_edit(_set(["annotations", 0, "segmentation"], [[1, 1, 5, 1, 5, 5, 3]])),
+    "polygon odd": (_edit(set_at(["annotations", 0, "segmentation"], [[1, 1, 5, 1, 5, 5, 3]])),
                     ["'segmentation[0]'", "has 7"]),
-    "rle wrong size": (_edit(_set(["annotations", 2, "segmentation", "size"], [10, 10])),
+    "rle wrong size": (_edit(set_at(["annotations", 2, "segmentation", "size"], [10, 10])),
                        ["annotation id 12", "image id 2", "'segmentation.size'", "[4, 4]", "got [10, 10]"]),
-    "rle counts sum": (_edit(_set(["annotations", 2, "segmentation", "counts"], [4, 3, 8])),
+    "rle counts sum": (_edit(set_at(["annotations", 2, "segmentation", "counts"], [4, 3, 8])),
                        ["annotation id 12", "'segmentation.counts'", "= 16", "got 15"]),
-    "rle bad string": (_edit(_set(["annotations", 2, "segmentation", "counts"], "ab~~")),
+    "rle bad string": (_edit(set_at(["annotations", 2, "segmentation", "counts"], "ab~~")),
                        ["'segmentation.counts'", "'ab~~'"]),
-    "segmentation wrong type": (_edit(_set(["annotations", 0, "segmentation"], "square")),
+    "segmentation wrong type": (_edit(set_at(["annotations", 0, "segmentation"], "square")),
                                 ["'segmentation'", "'square'"]),
-    "keypoints length": (_edit(_set(["annotations", 1, "keypoints"], [12, 4, 2, 18, 4])),
+    "keypoints length": (_edit(set_at(["annotations", 1, "keypoints"], [12, 4, 2, 18, 4])),
                          ["annotation id 11", "'keypoints'", "3 x 2 = 6", "'person'", "got 5"]),
-    "keypoints on keypoint-less category": (_edit(_set(["annotations", 0, "keypoints"], [1, 2, 2])),
+    "keypoints on keypoint-less category": (_edit(set_at(["annotations", 0, "keypoints"], [1, 2, 2])),
                                             ["annotation id 10", "3 x 0 = 0", "'circle'"]),
-    "visibility flag": (_edit(_set(["annotations", 1, "keypoints"], [12, 4, 3, 18, 4, 1])),
+    "visibility flag": (_edit(set_at(["annotations", 1, "keypoints"], [12, 4, 3, 18, 4, 1])),
                         ["annotation id 11", "'keypoints[2]'", "'l_hand'", "0, 1 or 2", "got 3"]),
-    "iscrowd": (_edit(_set(["annotations", 0, "iscrowd"], 2)), ["annotation id 10", "'iscrowd'", "got 2"]),
-    "area negative": (_edit(_set(["annotations", 0, "area"], -1)), ["annotation id 10", "'area'", "got -1"]),
-    "caption": (_edit(_set(["annotations", 0, "caption"], 5)), ["annotation id 10", "'caption'", "got 5"]),
-    "image id not int": (_edit(_set(["images", 0, "id"], "one")), ["'images[0].id'", "got 'one'"]),
+    "iscrowd": (_edit(set_at(["annotations", 0, "iscrowd"], 2)), ["annotation id 10", "'iscrowd'", "got 2"]),
+    "area negative": (_edit(set_at(["annotations", 0, "area"], -1)), ["annotation id 10", "'area'", "got -1"]),
+    "caption": (_edit(set_at(["annotations", 0, "caption"], 5)), ["annotation id 10", "'caption'", "got 5"]),
+    "image id not int": (_edit(set_at(["images", 0, "id"], "one")), ["'images[0].id'", "got 'one'"]),
     "file_name missing": (_edit(lambda d: d["images"][0].pop("file_name")), ["image id 1", "'file_name'"]),
-    "missing image file": (_edit(_set(["images", 0, "file_name"], "nowhere.png")),
+    "missing image file": (_edit(set_at(["images", 0, "file_name"], "nowhere.png")),
                            ["image id 1", "'file_name'", "image file not found", "nowhere.png"]),
-    "skeleton index": (_edit(_set(["categories", 1, "skeleton"], [[1, 3]])), ["categories[1].skeleton", "[1, 3]"]),
+    "skeleton index": (_edit(set_at(["categories", 1, "skeleton"], [[1, 3]])), ["categories[1].skeleton", "[1, 3]"]),
 }
 
 

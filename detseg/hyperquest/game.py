@@ -155,6 +155,13 @@ class Game:
         if trial.state not in ALLOWED[verb]:
             raise Conflict(f"cannot {verb}: {WHY_NOT.get(trial.state, trial.state)}")
 
+    @staticmethod
+    def _current_checkpoint(session, trial: Trial, verb: str) -> Checkpoint:
+        """The checkpoint the trial stands on; growing or stopping needs one (at least one trained epoch)."""
+        if trial.current_checkpoint_id is None:
+            raise Conflict(f"cannot {verb}: train at least one epoch first")
+        return session.get(Checkpoint, trial.current_checkpoint_id)
+
     def _log_rejection(self, player_id: int, trial_id: int | None, kind: str, payload: dict, error: GameError):
         with self.db.session() as session:
             session.add(Action(player_id=player_id, trial_id=trial_id, kind=kind, payload=payload,
@@ -333,9 +340,7 @@ class Game:
         with self.db.session() as session:
             trial = self._own_trial(session, player_id, trial_id)
             self._require(trial, "grow")
-            if trial.current_checkpoint_id is None:
-                raise Conflict("cannot grow: train at least one epoch first")
-            source = session.get(Checkpoint, trial.current_checkpoint_id)
+            source = self._current_checkpoint(session, trial, "grow")
             arch, hparams, seed = source.architecture, dict(trial.hparams), trial.seed + source.id
             source_path, source_id, epoch = source.path, source.id, source.epoch
             metrics = {key: getattr(source, key) for key in ("train_loss", "train_acc", "val_loss", "val_acc")}
@@ -393,9 +398,7 @@ class Game:
         with self.db.session() as session:
             trial = self._own_trial(session, player_id, trial_id)
             self._require(trial, "stop")
-            if trial.current_checkpoint_id is None:
-                raise Conflict("cannot stop: train at least one epoch first")
-            self._finish(session, trial, session.get(Checkpoint, trial.current_checkpoint_id), "stopped")
+            self._finish(session, trial, self._current_checkpoint(session, trial, "stop"), "stopped")
 
     def _finish(self, session, trial: Trial, checkpoint: Checkpoint, reason: str) -> None:
         """Record the final score: the current checkpoint's validation accuracy (what the player stopped on)."""
