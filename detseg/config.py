@@ -169,3 +169,18 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value")
     return data
+
+
+def number_list(key: str, text: str | float | int, positive: bool = True) -> tuple[float, ...]:
+    """A comma-separated list option (``anchor_scales=8,16,32``) as numbers; a clear ConfigError when malformed."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        items = [text]
+    else:
+        items = [item.strip() for item in str(text).split(",") if item.strip()]
+    try:
+        numbers = tuple(float(item) for item in items)
+    except ValueError:
+        raise ConfigError(f"{key}={text}: expected comma-separated numbers, e.g. 8,16,32") from None
+    if not numbers or not all(math.isfinite(n) for n in numbers) or (positive and min(numbers) <= 0):
+        raise ConfigError(f"{key}={text}: expected one or more {'positive ' if positive else ''}numbers")
+    return numbers

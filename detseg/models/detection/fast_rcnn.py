@@ -1,0 +1,116 @@
+"""Fast R-CNN (Girshick, 2015): run the CNN once per image, then crop each proposal *from the feature map*.
+
+R-CNN's cost was the CNN run on every one of ~2000 warped crops. Fast R-CNN swaps the order: one forward pass of
+the backbone over the whole image, then **RoI pooling** cuts each proposal's window out of the shared feature map
+and max-pools it into a fixed ``7 x 7`` grid, whatever the proposal's size - so fully-connected layers can follow.
+Everything behind the proposals trains end to end with one multi-task loss (class + box). Proposals still come from
+Selective Search, which now dominates the test time: the problem Faster R-CNN removes.
+
+``pool=roi_align`` replaces RoI pooling's rounding of box edges to feature cells by bilinear sampling (Mask R-CNN's
+fix), which matters when a cell spans 8 pixels and objects are 6 px.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
+
+from ...config import Option
+from ..backbones import conv_bn_relu
+from .backbone import BACKBONE_OPTIONS, build_detection_backbone
+from .generalized import BoxPredictor, Postprocess, RegionDetector, RoISampling
+from .proposers import SELECTIVE_SEARCH_OPTIONS, selective_search_proposer
+
+POOLS = ("roi_pool", "roi_align")
+
+ROI_HEAD_OPTIONS = {
+    "pool": Option("roi_align", "how a proposal is cut from the feature map: roi_pool (Fast R-CNN) | roi_align",
+                   choices=POOLS),
+    "pool_size": Option(7, "RoI pooling output grid (pool_size x pool_size cells)", min=1),
+    "roi_channels": Option(64, "1x1 convolution narrowing the shared features before RoI pooling (0 = keep all): "
+                               "per-region cost grows with channels x bins x regions", min=0),
+    "head_hidden": Option(256, "width of the two fully-connected layers of the RoI head", min=8),
+    "rois_per_image": Option(64, "sampled RoIs per training image", min=1),
+    "positive_fraction": Option(0.25, "share of positives among sampled RoIs at most", min=0, max=1),
+    "box_loss_weight": Option(1.0, "weight of the RoI box loss in the multi-task sum", min=0),
+    "score_thresh": Option(0.05, "detections below this class probability are dropped", min=0, max=1),
+    "nms_thresh": Option(0.5, "per-class non-maximum suppression IoU", min=0, max=1),
+}
+
+
+def pool_regions(features, rois: list[torch.Tensor], image_size: tuple[int, int], output_size: int,
+                 pool: str = "roi_align", multi_scale: MultiScaleRoIAlign | None = None) -> torch.Tensor:
+    """Cut every RoI out of the shared features: ``(N, C, h, w), [(R_i, 4)] -> (R, C, s, s)``.
+
+    The feature map's scale relative to the image (1/8 for the tiny backbone) maps box pixels to feature cells. A
+    feature pyramid (a dict of maps) pools each RoI from the level matching its size.
+    """
+    if isinstance(features, dict):
+        return multi_scale(features, rois, [image_size] * len(rois))
+    scale = features.shape[-1] / image_size[1]
+    if pool == "roi_pool":
+        return roi_pool(features, rois, output_size, spatial_scale=scale)
+    # One bilinear sample per bin: at stride 8 a 7x7 grid over a scenes object already puts bins under a feature
+    # cell apart, and torchvision's CPU backward of RoI Align costs in proportion to the samples.
+    return roi_align(features, rois, output_size, spatial_scale=scale, sampling_ratio=1, aligned=True)
+
+
+class RoIPoolHead(nn.Module):
+    """RoI pooling -> flatten -> two fully-connected layers -> class scores and class-specific box deltas."""
+
+    def __init__(self, in_channels: int, num_classes: int, pool: str = "roi_align", pool_size: int = 7,
+                 hidden: int = 256, fpn_levels: tuple[str, ...] | None = None, roi_channels: int = 0):
+        super().__init__()
+        self.pool, self.pool_size = pool, pool_size
+        # Narrowing once per image (a 1x1 convolution on a small map) is cheap; pooling and the first fully-connected
+        # layer then handle a fraction of the channels for each of hundreds of regions.
+        self.narrow = None
+        if roi_channels and not fpn_levels:
+            self.narrow = conv_bn_relu(in_channels, roi_channels, kernel=1)
+            in_channels = roi_channels
+        self.multi_scale = MultiScaleRoIAlign(list(fpn_levels), pool_size, 2) if fpn_levels else None
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_channels * pool_size * pool_size, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        )
+        self.predictor = BoxPredictor(hidden, num_classes)
+
+    def forward(self, features, rois: list[torch.Tensor], image_size: tuple[int, int]):
+        if self.narrow is not None:
+            features = self.narrow(features)                                                 # (N, C', h, w)
+        pooled = pool_regions(features, rois, image_size, self.pool_size, self.pool, self.multi_scale)  # (R, C, s, s)
+        return self.predictor(self.fc(pooled))                                               # (R, K+1), (R, 4(K+1))
+
+
+def feature_channels(backbone: nn.Module) -> int:
+    return backbone.out_channels
+
+
+def fpn_levels(config: dict) -> tuple[str, ...] | None:
+    """Names of the pyramid levels RoIs are pooled from (torchvision's BackboneWithFPN), or None without FPN."""
+    return ("0", "1", "2", "3") if config["backbone"] != "tiny" and config["fpn"] else None
+
+
+def roi_head_settings(config: dict) -> tuple[RoISampling, Postprocess, dict[str, float]]:
+    """The sampling, post-processing and loss weights every RoI head of the family reads from its config."""
+    sampling = RoISampling(batch_per_image=config["rois_per_image"], positive_fraction=config["positive_fraction"])
+    postprocess = Postprocess(score_thresh=config["score_thresh"], nms_thresh=config["nms_thresh"])
+    return sampling, postprocess, {"roi_box": config["box_loss_weight"]}
+
+
+def build_roi_pool_head(config: dict, backbone: nn.Module, num_classes: int) -> RoIPoolHead:
+    return RoIPoolHead(feature_channels(backbone), num_classes, config["pool"], config["pool_size"],
+                       config["head_hidden"], fpn_levels(config), config["roi_channels"])
+
+
+OPTIONS = {**BACKBONE_OPTIONS, **SELECTIVE_SEARCH_OPTIONS, **ROI_HEAD_OPTIONS}
+
+
+def build(config: dict, info: dict) -> RegionDetector:
+    """Fast R-CNN: shared backbone + Selective Search proposals + RoI pooling head."""
+    backbone = build_detection_backbone(config)
+    sampling, postprocess, weights = roi_head_settings(config)
+    return RegionDetector(info["num_classes"], selective_search_proposer(config),
+                          build_roi_pool_head(config, backbone, info["num_classes"]), backbone,
+                          sampling, postprocess, weights)

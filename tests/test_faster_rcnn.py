@@ -1,0 +1,83 @@
+"""Faster R-CNN and its region proposal network: the four losses, empty images, learning a few images."""
+import torch
+from torchvision.ops import box_iou
+
+from detseg import registry
+from detseg.config import resolve
+from detseg.data.dataset import InstanceDataset
+from detseg.data.scenes import ScenesSource
+
+
+def _model(**overrides):
+    entry = registry.get("det/faster_rcnn")
+    config = resolve(entry.all_options(), {"width": 8, "image_size": 64, **overrides})
+    torch.manual_seed(0)
+    return entry.build(config, {"num_classes": 8, "image_size": 64})
+
+
+def _scenes(count, size=64):
+    dataset = InstanceDataset(ScenesSource(count, size=size, seed=3))
+    pairs = [dataset[i] for i in range(count)]
+    images = torch.stack([image for image, _ in pairs])
+    targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"], "iscrowd": t["iscrowd"]}
+               for _, t in pairs]
+    return images, targets
+
+
+def test_four_named_losses_and_empty_images_give_zero_box_losses():
+    model = _model()
+    images = torch.zeros(2, 3, 64, 64)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "iscrowd": torch.zeros(0, dtype=torch.long)}
+    losses = model(images, [empty, empty])
+    assert set(losses) == {"rpn_objectness", "rpn_box", "roi_class", "roi_box"}
+    assert float(losses["rpn_box"]) == 0.0 and float(losses["roi_box"]) == 0.0
+    assert float(losses["rpn_objectness"]) > 0 and float(losses["roi_class"]) > 0
+    sum(losses.values()).backward()          # still a graph: an all-background batch trains the classifiers
+
+
+def test_detections_have_the_contract_format():
+    model = _model().eval()
+    with torch.no_grad():
+        detections = model(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
+    assert len(detections) == 3
+    for image in detections:
+        assert image["boxes"].shape[1] == 4 and len(image["boxes"]) <= 100
+        assert len(image["scores"]) == len(image["labels"]) == len(image["boxes"])
+        assert image["labels"].dtype == torch.int64 and bool((image["labels"] >= 1).all())
+        assert bool((image["boxes"] >= 0).all()) and bool((image["boxes"] <= 64).all())
+
+
+def test_faster_rcnn_overfits_a_few_images_and_finds_their_objects():
+    images, targets = _scenes(4)
+    model = _model(lr=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(120):
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        first = float(loss) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.25 * first, (first, float(loss))
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    found = total = 0
+    for image, target in zip(detections, targets):
+        confident = image["scores"] > 0.5
+        total += len(target["boxes"])
+        if confident.any():
+            iou = box_iou(target["boxes"], image["boxes"][confident])
+            same_class = target["labels"][:, None] == image["labels"][confident][None]
+            found += int(((iou > 0.5) & same_class).any(dim=1).sum())
+    assert found >= 0.7 * total, (found, total)
+
+
+def test_stage_timings_are_recorded():
+    model = _model().eval()
+    model.time_stages = True
+    with torch.no_grad():
+        model(torch.zeros(2, 3, 64, 64))
+    assert all(model.stage_seconds[name] > 0 for name in ("shared_conv", "proposals", "per_region"))
