@@ -152,10 +152,13 @@ class DetectionTask(Task):
     def evaluate(self, model: nn.Module, loader, device: torch.device, bundle: DataBundle) -> dict[str, float]:
         sizes, side = bundle.extras["val_sizes"], bundle.info["image_size"]
         image_ids, boxes, scores, labels = [], [], [], []
-        total_loss, count = 0.0, 0
+        total_loss, loss_images, count = 0.0, 0, 0
         for batch in loader:
             images, targets, proposals = self._to_device(batch, device)
-            total_loss += float(sum(model(images, targets, proposals).values())) * len(images)
+            losses = model(images, targets, proposals)   # {} from a model that has no losses in eval mode
+            if losses:
+                total_loss += float(sum(losses.values())) * len(images)
+                loss_images += len(images)
             count += len(images)
             for target, detections in zip(targets, model(images, None, proposals)):
                 width, height = sizes[target["image_id"]]
@@ -167,7 +170,7 @@ class DetectionTask(Task):
         results = results_from_detections(image_ids, boxes, scores, labels, bundle.extras["category_of"])
         metrics = coco_eval(bundle.extras["val_ground_truth"], results, "bbox")
         bundle.extras["last_results"] = (id(unwrap(model)), results)
-        metrics["val_loss"] = total_loss / max(1, count)
+        metrics["val_loss"] = total_loss / loss_images if loss_images else float("nan")
         metrics["detections_per_image"] = len(results) / max(1, count)
         return metrics
 

@@ -76,9 +76,11 @@ class RoIPoolHead(nn.Module):
         )
         self.predictor = BoxPredictor(hidden, num_classes)
 
+    def per_image(self, features):
+        """Once per image, timed with the shared convolutions: the narrowing 1x1 convolution."""
+        return self.narrow(features) if self.narrow is not None else features                # (N, C', h, w)
+
     def forward(self, features, rois: list[torch.Tensor], image_size: tuple[int, int]):
-        if self.narrow is not None:
-            features = self.narrow(features)                                                 # (N, C', h, w)
         pooled = pool_regions(features, rois, image_size, self.pool_size, self.pool, self.multi_scale)  # (R, C, s, s)
         return self.predictor(self.fc(pooled))                                               # (R, K+1), (R, 4(K+1))
 

@@ -154,15 +154,16 @@ class RegionDetector(nn.Module):
         pixels = normalize_pixels(images)
         with self._stage("shared_conv"):
             features = self.backbone(pixels) if self.backbone is not None else pixels
+            head_input = self.roi_head.per_image(features) if hasattr(self.roi_head, "per_image") else features
         with self._stage("proposals"):
             proposals, proposal_losses = self.proposer(images, features, image_size, targets, proposals)
         if targets is not None:
             rois, labels, delta_targets = self.sample_rois(proposals, targets)
-            logits, deltas = self.roi_head(features, rois, image_size)
+            logits, deltas = self.roi_head(head_input, rois, image_size)
             losses = {**proposal_losses, **fast_rcnn_loss(logits, deltas, labels, delta_targets)}
             return {name: value * self.loss_weights.get(name, 1.0) for name, value in losses.items()}
         with self._stage("per_region"):
-            logits, deltas = self.roi_head(features, proposals, image_size)
+            logits, deltas = self.roi_head(head_input, proposals, image_size)
             return self.detections(logits, deltas, proposals, image_size)
 
     @torch.no_grad()
