@@ -48,9 +48,10 @@ def _device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _use_machine_threads(local_world: int) -> None:
-    # Processes sharing a machine split its cores; oversubscription makes every process slower.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+def _use_machine_threads(local_world: int, threads: int = 0) -> None:
+    # Processes sharing a machine split its cores; oversubscription makes every process slower (on a busy machine
+    # several-times slower: OpenMP threads wait for each other at every parallel region), hence the explicit knob.
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
 def _default_run_dir(model_name: str) -> Path:
@@ -93,7 +94,7 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
     device = _device(config["device"], local_rank)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    _use_machine_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    _use_machine_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)), config["threads"])
     placeholder = entry.task.placeholder_info(config, data)
     if placeholder is not None:
         entry.build(config, placeholder)  # fail fast on a bad knob combination

@@ -101,6 +101,7 @@ TRAIN_OPTIONS: dict[str, Option] = {
     "seed": Option(0, "seed for initialisation, shuffling, dropout and augmentation"),
     "data_seed": Option(0, "seed of the generated data set (scenes, vector tasks)"),
     "device": Option("cpu", "cpu, cuda or auto", choices=("cpu", "cuda", "auto")),
+    "threads": Option(0, "CPU threads of this process (0 = the machine's cores shared among its processes)", min=0),
 }
 
 
