@@ -81,3 +81,21 @@ def test_stage_timings_are_recorded():
     with torch.no_grad():
         model(torch.zeros(2, 3, 64, 64))
     assert all(model.stage_seconds[name] > 0 for name in ("shared_conv", "proposals", "per_region"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("overrides", [{"backbone": "resnet18"},
+                                       {"backbone": "resnet18", "fpn": True, "anchor_scales": "16,32,64,128,256"}])
+def test_resnet_backbones_with_and_without_a_feature_pyramid_train_and_detect(overrides):
+    model = _model(**overrides)
+    images, targets = _scenes(2)
+    losses = model(images, targets)
+    assert set(losses) == {"rpn_objectness", "rpn_box", "roi_class", "roi_box"}
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    assert len(detections) == 2 and detections[0]["boxes"].shape[1] == 4
