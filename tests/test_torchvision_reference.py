@@ -1,0 +1,82 @@
+"""det/torchvision_faster_rcnn: torchvision's FasterRCNN behind our detector conventions, on our tiny backbone."""
+import torch
+
+from detseg import registry
+from detseg.config import resolve
+from detseg.data.dataset import InstanceDataset
+from detseg.data.scenes import ScenesSource
+
+TORCHVISION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+
+
+def _model(**overrides):
+    entry = registry.get("det/torchvision_faster_rcnn")
+    config = resolve(entry.all_options(), {"width": 8, "image_size": 64, **overrides})
+    torch.manual_seed(0)
+    return entry.build(config, {"num_classes": 8, "image_size": 64})
+
+
+def _scenes(count, size=64):
+    dataset = InstanceDataset(ScenesSource(count, size=size, seed=3))
+    pairs = [dataset[i] for i in range(count)]
+    images = torch.stack([image for image, _ in pairs])
+    targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"], "iscrowd": t["iscrowd"]}
+               for _, t in pairs]
+    return images, targets
+
+
+def test_our_backbone_input_size_statistics_and_anchors_are_used():
+    model = _model(anchor_scales="8,16", anchor_ratios="0.5,1,2")
+    detector = model.detector
+    assert detector.backbone.out_channels == detector.roi_heads.box_head.fc6.in_features // 49
+    assert detector.transform.min_size == (64,) and detector.transform.max_size == 64
+    assert detector.transform.image_mean == [0.5, 0.5, 0.5]
+    assert detector.rpn.anchor_generator.num_anchors_per_location() == [6]
+    assert set(registry.get("det/torchvision_faster_rcnn").options) >= {"backbone", "width", "anchor_scales"}
+
+
+def test_losses_in_train_mode_empty_dict_in_eval_mode_and_empty_images_train():
+    model = _model().train()
+    images, targets = _scenes(2)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+             "iscrowd": torch.zeros(0, dtype=torch.long)}
+    losses = model(images, [targets[0], empty])
+    assert set(losses) == TORCHVISION_LOSSES
+    assert all(torch.isfinite(value) and value >= 0 for value in losses.values())
+    sum(losses.values()).backward()
+    assert model.detector.backbone.stem[0].weight.grad is not None
+    model.eval()
+    assert model(images, targets) == {}
+
+
+def test_crowd_boxes_are_not_trained_as_objects():
+    target = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0], [30.0, 30.0, 50.0, 60.0]]),
+              "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([0, 1])}
+    converted = _model()._torchvision_targets([target])[0]
+    assert converted["labels"].tolist() == [1] and converted["boxes"].shape == (1, 4)
+
+
+def test_detections_have_the_contract_format():
+    model = _model().eval()
+    with torch.no_grad():
+        detections = model(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
+    assert len(detections) == 3
+    for image in detections:
+        assert image["boxes"].shape[1] == 4 and len(image["boxes"]) <= 100
+        assert len(image["scores"]) == len(image["labels"]) == len(image["boxes"])
+        assert image["labels"].dtype == torch.int64 and bool((image["labels"] >= 1).all())
+        assert bool((image["boxes"] >= 0).all()) and bool((image["boxes"] <= 64).all())
+
+
+def test_a_few_steps_reduce_the_loss():
+    images, targets = _scenes(2)
+    model = _model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    totals = []
+    for _ in range(12):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        totals.append(float(loss.detach()))
+    assert sum(totals[-3:]) / 3 < 0.5 * sum(totals[:3]) / 3, totals
