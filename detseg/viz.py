@@ -60,11 +60,23 @@ def plot_curves(path: Path | str, history: list[dict], metric: str) -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def save_figure(figure, path: Path | str) -> None:
+    """Write a matplotlib figure as PNG, atomically, and close it (run curves, the benchmarks' plots)."""
     buffer = io.BytesIO()
+    figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_report(path: Path | str, lines: Sequence[str]) -> str:
+    """Write a benchmark's report.md (lines joined by newlines), atomically; returns the text."""
+    text = "\n".join(lines)
+    atomic_write_bytes(path, text.encode())
+    return text
 
 
 def draw_annotations(image: torch.Tensor, target: dict, names: Sequence[str]) -> torch.Tensor:

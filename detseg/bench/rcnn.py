@@ -20,7 +20,6 @@ R-CNN (proposals included), and trains >= 2x faster than torchvision's Faster R-
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import time
@@ -34,10 +33,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .. import api, registry  # noqa: E402
-from ..config import atomic_write_bytes  # noqa: E402
 from ..data.export import write_scenes  # noqa: E402
 from ..data.images import load_rgb  # noqa: E402
 from ..engine.run import write_json  # noqa: E402
+from ..viz import save_figure, save_report  # noqa: E402
 
 # (method, det/ model name), in the lecture's order; R-CNN is the unit of every ratio.
 METHODS = (("sliding_window", "det/sliding_window"), ("rcnn", "det/rcnn"), ("spp", "det/spp"),
@@ -249,14 +248,6 @@ def targets(rows: list[dict]) -> dict[str, dict]:
 
 
 # ---- pictures -----------------------------------------------------------------------------------------------------
-def _save_figure(figure, path: Path) -> None:
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def plot_speed(rows: list[dict], out: Path) -> None:
     """speed.png: test ms per image split by stage (linear and log total), training images/s, AP."""
     done = [row for row in rows if "train_seconds" in row]
@@ -284,7 +275,7 @@ def plot_speed(rows: list[dict], out: Path) -> None:
     for axis in axes:
         axis.tick_params(axis="x", rotation=35)
         axis.grid(alpha=0.3, axis="y")
-    _save_figure(figure, out / "speed.png")
+    save_figure(figure, out / "speed.png")
 
 
 def plot_detections(pictures: dict[str, list], out: Path) -> None:
@@ -300,7 +291,7 @@ def plot_detections(pictures: dict[str, list], out: Path) -> None:
             axis.set_xticks([])
             axis.set_yticks([])
         axes_row[0].set_ylabel(method)
-    _save_figure(figure, out / "detections.png")
+    save_figure(figure, out / "detections.png")
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
@@ -388,9 +379,7 @@ def write_report(out: Path, results: dict) -> str:
         "validation images:", "",
         "![detections](detections.png)", "",
     ]
-    text = "\n".join(lines)
-    (out / "report.md").write_text(text)
-    return text
+    return save_report(out / "report.md", lines)
 
 
 def run(out: Path, quick: bool, settings: dict | None = None, methods=METHODS) -> dict:
