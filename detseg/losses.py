@@ -16,7 +16,8 @@ from .errors import ConfigError
 REGRESSION_KINDS = ("l2", "l1", "smooth_l1")
 
 
-def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of every labeled pixel, averaged over the pixels of each image, then over the images.
 
     ``logits`` (N, C, H, W), ``target`` (N, H, W) integer class ids; pixels equal to ``ignore_index`` (unlabeled,
@@ -27,8 +28,13 @@ def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index
     Averaging per image first makes every image count the same, whatever its labeled area. An image without any
     labeled pixel is left out of the batch mean (it has no loss to average); if no image has one, the loss is 0 and
     still connected to the graph.
+
+    ``weight`` (C,), optional: a loss weight per class (rare classes heavier). Each pixel's loss is multiplied by its
+    true class's weight and the per-image mean still divides by the pixel count, so weights that average 1 over the
+    data keep the loss on its usual scale.
     """
-    per_pixel = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none")   # (N, H, W)
+    per_pixel = F.cross_entropy(logits, target.long(), weight=weight, ignore_index=ignore_index,
+                                reduction="none")                                                      # (N, H, W)
     labeled = (target != ignore_index).flatten(1).to(per_pixel.dtype)                                  # (N, H*W)
     pixels_per_image = labeled.sum(dim=1)                                                              # (N,)
     per_image = per_pixel.flatten(1).sum(dim=1) / pixels_per_image.clamp(min=1)                        # (N,)

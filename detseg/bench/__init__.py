@@ -11,6 +11,9 @@ from ..errors import ConfigError
 STUDIES = {
     "scenes": "detseg.bench.scenes",
     "hyperquest": "detseg.bench.hyperquest",
+    "segmentation": "detseg.bench.segmentation",
+    "localization": "detseg.bench.localization",
+    "rcnn": "detseg.bench.rcnn",
 }
 
 

@@ -26,8 +26,43 @@ PALETTE = ["black", "red", "lime", "blue", "yellow", "magenta", "cyan", "orange"
            "white", "olive", "teal", "navy", "gray"]
 
 
+WEIGHTINGS = ("none", "sqrt_inverse", "inverse")
+
+
 def _is_sliding_window(model: nn.Module) -> bool:
     return hasattr(unwrap(model), "sample_crops")
+
+
+def class_weights(pixel_share: list[float], weighting: str) -> torch.Tensor | None:
+    """Loss weight per class from its share of the training pixels; ``None`` for ``weighting="none"``.
+
+    Background covers ~80% of a scene's pixels and each shape ~3%, so the plain per-pixel loss is mostly about
+    background and the shapes - what the mean IoU averages over equally - learn slowly. ``inverse`` weighs every
+    class equally in total; ``sqrt_inverse`` goes half way (in log terms), which keeps background edges sharp. Weights
+    are normalised so that an average training pixel weighs 1 (the loss keeps its scale); a class absent from the
+    training pixels gets weight 1 (it has no pixels to weigh).
+    """
+    if weighting == "none":
+        return None
+    share = torch.tensor(pixel_share, dtype=torch.float64)
+    present = share > 0
+    weights = torch.ones_like(share)
+    weights[present] = share[present] ** (-0.5 if weighting == "sqrt_inverse" else -1.0)
+    weights[present] /= (share[present] * weights[present]).sum()
+    return weights.float()
+
+
+def _attach_options(model: nn.Module, config: dict, info: dict, keys: tuple[str, ...]) -> nn.Module:
+    """The run options the task reads at step time, plus the class weights of this run's training data."""
+    attach_run_options(model, config, keys)
+    share = info.get("class_pixel_share")   # absent before the data exists (placeholder info)
+    model.run_options["class_weights"] = class_weights(share, config["class_weighting"]) if share else None
+    return model
+
+
+def _weights(model: nn.Module, device: torch.device) -> torch.Tensor | None:
+    weights = run_options(model).get("class_weights")
+    return None if weights is None else weights.to(device)
 
 
 class SegmentationTask(Task):
@@ -38,6 +73,9 @@ class SegmentationTask(Task):
         "val_size": Option(200, "validation images (scenes)", min=1),
         "image_size": Option(128, "image side in pixels (other sizes are resized to it)", min=16, max=1024),
         "hflip": Option(True, "random horizontal flips during training"),
+        "class_weighting": Option("sqrt_inverse", "loss weight per class from its share of the training pixels: "
+                                  + "|".join(WEIGHTINGS) + " (rare classes heavier; see class_weights)",
+                                  choices=WEIGHTINGS),
     }
 
     def make_data(self, config: dict, data: str | None, val: str | None) -> DataBundle:
@@ -49,7 +87,10 @@ class SegmentationTask(Task):
             semantic = torch.stack([target["semantic"].to(torch.uint8) for target in targets])  # (N, S, S)
             tensors[split] = torch.utils.data.TensorDataset(images, semantic)
         names = label_names(train_source)
-        info = {"num_classes": len(names), "class_names": names, "image_size": size}
+        labels = tensors["train"].tensors[1]
+        counts = torch.bincount(labels[labels != 255].flatten().long(), minlength=len(names))[:len(names)]
+        info = {"num_classes": len(names), "class_names": names, "image_size": size,
+                "class_pixel_share": (counts.double() / max(1, int(counts.sum()))).tolist()}
         return DataBundle(tensors["train"], tensors["val"], info, extras={"val_images": tensors["val"].tensors[0]})
 
     def placeholder_info(self, config: dict, data: str | None) -> dict:
@@ -64,8 +105,9 @@ class SegmentationTask(Task):
             # The lecture's baseline trains on crops: each crop is labelled with its centre pixel's class.
             crops_per_image = run_options(model)["crops_per_image"]
             crops, labels = unwrap(model).sample_crops(images, semantic.long(), crops_per_image)
-            return {"pixel_ce": F.cross_entropy(model(crops), labels, ignore_index=255)}
-        return {"pixel_ce": pixel_cross_entropy(model(images), semantic.long())}
+            return {"pixel_ce": F.cross_entropy(model(crops), labels, weight=_weights(model, device),
+                                                ignore_index=255)}
+        return {"pixel_ce": pixel_cross_entropy(model(images), semantic.long(), weight=_weights(model, device))}
 
     def _scores(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) class scores; the sliding window classifies one crop per (strided) pixel."""
@@ -80,7 +122,7 @@ class SegmentationTask(Task):
         for images, semantic in loader:
             images, semantic = normalize(images.to(device)), semantic.to(device).long()
             scores = self._scores(model, images)
-            total_loss += float(pixel_cross_entropy(scores, semantic)) * len(images)
+            total_loss += float(pixel_cross_entropy(scores, semantic, weight=_weights(model, device))) * len(images)
             count += len(images)
             confusion.update(scores.argmax(dim=1).cpu(), semantic.cpu())
         return {"miou": confusion.miou(), "pixel_acc": confusion.pixel_acc(), "val_loss": total_loss / max(1, count)}
@@ -128,18 +170,19 @@ SEG_TRAINING = {"lr": Option(1e-3, "peak learning rate", min=0), "batch_size": O
                                  min=1)})
 def build_sliding_window(config: dict, info: dict) -> nn.Module:
     model = sliding_window.SlidingWindowSegmenter.build(info["num_classes"], **knobs_of(sliding_window.OPTIONS, config))
-    return attach_run_options(model, config, ("hflip", "crops_per_image", "eval_stride"))
+    return _attach_options(model, config, info, ("hflip", "crops_per_image", "eval_stride"))
 
 
 @register("seg/fcn_fullres", TASK, "fully convolutional at full resolution: C x H x W scores in one pass",
           {**fcn_fullres.OPTIONS, **SEG_TRAINING})
 def build_fcn_fullres(config: dict, info: dict) -> nn.Module:
     model = fcn_fullres.FullResolutionFCN.build(info["num_classes"], **knobs_of(fcn_fullres.OPTIONS, config))
-    return attach_run_options(model, config, ("hflip",))
+    return _attach_options(model, config, info, ("hflip",))
 
 
 @register("seg/encoder_decoder", TASK, "downsample then upsample (nearest, bed of nails, max unpooling, "
-          "transposed or resize conv), optional skips", {**encoder_decoder.OPTIONS, **SEG_TRAINING})
+          "transposed or resize conv), optional skips",
+          {**encoder_decoder.OPTIONS, **SEG_TRAINING, "lr": Option(3e-3, "peak learning rate", min=0)})
 def build_encoder_decoder(config: dict, info: dict) -> nn.Module:
     model = encoder_decoder.EncoderDecoder.build(info["num_classes"], **knobs_of(encoder_decoder.OPTIONS, config))
-    return attach_run_options(model, config, ("hflip",))
+    return _attach_options(model, config, info, ("hflip",))

@@ -12,9 +12,14 @@ level of the decoder pairs with one level of the encoder:
   the bottleneck lost.
 
 Shapes for 128 px input, width 8, depth 4: (N,3,128,128) -> 8@128 -> 16@64 -> 32@32 -> 64@16 -> 64@8 (the
-bottleneck) -> back up to 8@128 -> (N, num_classes, 128, 128). Inputs whose sides are not multiples of
-``2**depth`` are zero-padded on the bottom/right and the scores cropped back. ``stem_stride=2`` starts the encoder
-at half resolution and ends with FCN's bilinear upsampling of the scores: a quarter of the cost, coarser edges.
+bottleneck) -> back up to 8@128 -> (N, num_classes, 128, 128) with ``stem_stride=1``. Inputs whose sides are not
+multiples of ``stem_stride * 2**depth`` are zero-padded on the bottom/right and the scores cropped back.
+
+``stem_stride=2``, the default, starts the encoder at half resolution (8@64 ... 64@4) and ends with FCN's bilinear
+upsampling of the scores: a quarter of the cost for slightly softer edges. On the 128 px scenes, class maps
+rebuilt bilinearly from perfect half-resolution class shares still score 0.98 mIoU, while the quarter cost buys
+four times the training steps in a time budget - and recognising *which* shape a region is, not where its edge
+lies, is what limits a short run.
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ OPTIONS: dict[str, Option] = {
     "kernel": Option(4, "kernel of the stride-2 transposed convolution (up=transposed)", choices=TRANSPOSED_KERNELS),
     "skips": Option(2, "skip connections from the encoder, coarsest first (0 = none, 1 = FCN-16s, 2 = FCN-8s, "
                        "depth = every level)", min=0),
-    "stem_stride": Option(1, "stride of the first convolution; 2 runs the whole network at half resolution and "
-                             "upsamples the scores bilinearly (4x cheaper)", choices=(1, 2)),
+    "stem_stride": Option(2, "stride of the first convolution; 2 runs the whole network at half resolution and "
+                             "upsamples the scores bilinearly (4x cheaper); 1 = full resolution", choices=(1, 2)),
 }
 DEFAULTS = defaults_of(OPTIONS)
 
@@ -71,7 +76,7 @@ class EncoderDecoder(nn.Module):
     """
 
     def __init__(self, num_classes: int = 8, width: int = 8, depth: int = 4, down: str = "maxpool",
-                 up: str = "transposed", kernel: int = 4, skips: int = 2, stem_stride: int = 1):
+                 up: str = "transposed", kernel: int = 4, skips: int = 2, stem_stride: int = 2):
         super().__init__()
         knobs = check_knobs(OPTIONS, width=width, depth=depth, down=down, up=up, kernel=kernel, skips=skips,
                             stem_stride=stem_stride)
