@@ -6,12 +6,12 @@ import torch
 from torchvision.ops import box_iou
 
 from detseg.config import resolve
-from detseg.data.dataset import InstanceDataset
-from detseg.data.scenes import ScenesSource
 from detseg.errors import ConfigError
 from detseg.models.detection import rcnn, sliding_window, spp_net
 from detseg.models.detection.fast_rcnn import ROI_HEAD_OPTIONS
 from detseg.ops.proposals import selective_search
+
+from .detection_support import scene_batch
 
 SIZE = 64
 CROPS = {"width": 8, "warp_size": 16, "depth": 2, "head_hidden": 64, "rois_per_image": 32}
@@ -34,19 +34,15 @@ def scenes():
     The jittered boxes make sure every object has proposals at IoU >= 0.5 (Selective Search on 64 px images misses
     some), so the tests check the detectors rather than the proposal recall.
     """
-    dataset = InstanceDataset(ScenesSource(4, size=SIZE, seed=0))
+    images, targets = scene_batch(range(4), size=SIZE)
     generator = torch.Generator().manual_seed(0)
-    images, targets, proposals = [], [], []
-    for index in range(len(dataset)):
-        image, target = dataset[index]
-        image = image.as_subclass(torch.Tensor)
-        boxes = target["boxes"].as_subclass(torch.Tensor).float()
+    proposals = []
+    for image, target in zip(images, targets):
+        boxes = target["boxes"]
         sizes = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2).repeat(6, 1)                       # (6G, 4)
         jittered = boxes.repeat(6, 1) + 0.15 * sizes * torch.randn(sizes.shape, generator=generator)
         proposals.append(torch.cat([torch.from_numpy(selective_search(image, "fast")), jittered.clamp(0, SIZE)]))
-        images.append(image)
-        targets.append({"boxes": boxes, "labels": target["labels"], "iscrowd": target["iscrowd"]})
-    return torch.stack(images), targets, proposals
+    return images, targets, proposals
 
 
 def train(model, images, targets, proposals, steps, lr=3e-3):

@@ -4,11 +4,11 @@ import torch
 from torchvision.ops import box_iou
 
 from detseg.config import resolve
-from detseg.data.dataset import InstanceDataset
-from detseg.data.scenes import ScenesSource
 from detseg.models.detection import rfcn
 from detseg.models.detection.fast_rcnn import ROI_HEAD_OPTIONS
 from detseg.models.detection.rpn import RPN_OPTIONS
+
+from .detection_support import scene_batch
 
 TINY = {"width": 8}
 
@@ -16,17 +16,6 @@ TINY = {"width": 8}
 def tiny_model(num_classes: int = 8, **overrides) -> rfcn.RegionDetector:
     config = resolve(rfcn.OPTIONS, {**TINY, **overrides})
     return rfcn.build(config, {"num_classes": num_classes, "image_size": 64})
-
-
-def scene_batch(indices):
-    dataset = InstanceDataset(ScenesSource(4, size=64, seed=0))
-    images, targets = [], []
-    for index in indices:
-        image, target = dataset[index]
-        images.append(image.as_subclass(torch.Tensor))
-        targets.append({"boxes": target["boxes"].as_subclass(torch.Tensor).float(), "labels": target["labels"],
-                        "iscrowd": target["iscrowd"]})
-    return torch.stack(images), targets, dataset.num_classes
 
 
 @pytest.mark.parametrize("pool", rfcn.PS_POOLS)
@@ -90,8 +79,8 @@ def test_options_reuse_shared_tables_and_fit_128px_scenes():
 
 def test_overfits_two_scenes_with_the_rpn():
     torch.manual_seed(0)
-    images, targets, num_classes = scene_batch([0, 2])       # 7 objects, 11-39 px
-    model = tiny_model(num_classes)
+    images, targets = scene_batch([0, 2])       # 7 objects, 11-39 px
+    model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.0)
     history = []
     model.train()
@@ -135,8 +124,8 @@ def test_empty_image_trains_with_zero_box_losses(overrides):
 
 def test_prediction_format_and_stage_timing():
     torch.manual_seed(0)
-    images, _, num_classes = scene_batch([0, 1])
-    model = tiny_model(num_classes, score_thresh=0.0).eval()
+    images, _ = scene_batch([0, 1])
+    model = tiny_model(score_thresh=0.0).eval()
     model.time_stages = True
     with torch.no_grad():
         predictions = model(images)
@@ -146,7 +135,7 @@ def test_prediction_format_and_stage_timing():
         count = len(prediction["scores"])
         assert 0 < count <= 100
         assert prediction["boxes"].shape == (count, 4) and prediction["labels"].dtype == torch.int64
-        assert prediction["labels"].min() >= 1 and prediction["labels"].max() < num_classes
+        assert prediction["labels"].min() >= 1 and prediction["labels"].max() < model.num_classes
         assert (prediction["boxes"] >= 0).all() and (prediction["boxes"] <= 64).all()
         assert (prediction["scores"][:-1] >= prediction["scores"][1:]).all()
     assert all(seconds > 0 for seconds in model.stage_seconds.values())

@@ -1,31 +1,13 @@
 """Faster R-CNN and its region proposal network: the four losses, empty images, learning a few images."""
+import pytest
 import torch
 from torchvision.ops import box_iou
 
-from detseg import registry
-from detseg.config import resolve
-from detseg.data.dataset import InstanceDataset
-from detseg.data.scenes import ScenesSource
-
-
-def _model(**overrides):
-    entry = registry.get("det/faster_rcnn")
-    config = resolve(entry.all_options(), {"width": 8, "image_size": 64, **overrides})
-    torch.manual_seed(0)
-    return entry.build(config, {"num_classes": 8, "image_size": 64})
-
-
-def _scenes(count, size=64):
-    dataset = InstanceDataset(ScenesSource(count, size=size, seed=3))
-    pairs = [dataset[i] for i in range(count)]
-    images = torch.stack([image for image, _ in pairs])
-    targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"], "iscrowd": t["iscrowd"]}
-               for _, t in pairs]
-    return images, targets
+from .detection_support import scene_batch, tiny_detector
 
 
 def test_four_named_losses_and_empty_images_give_zero_box_losses():
-    model = _model()
+    model = tiny_detector("det/faster_rcnn")
     images = torch.zeros(2, 3, 64, 64)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
              "iscrowd": torch.zeros(0, dtype=torch.long)}
@@ -37,7 +19,7 @@ def test_four_named_losses_and_empty_images_give_zero_box_losses():
 
 
 def test_detections_have_the_contract_format():
-    model = _model().eval()
+    model = tiny_detector("det/faster_rcnn").eval()
     with torch.no_grad():
         detections = model(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
     assert len(detections) == 3
@@ -49,8 +31,8 @@ def test_detections_have_the_contract_format():
 
 
 def test_faster_rcnn_overfits_a_few_images_and_finds_their_objects():
-    images, targets = _scenes(4)
-    model = _model(lr=0.0)
+    images, targets = scene_batch(range(4), seed=3)
+    model = tiny_detector("det/faster_rcnn", lr=0.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for step in range(120):
@@ -76,21 +58,18 @@ def test_faster_rcnn_overfits_a_few_images_and_finds_their_objects():
 
 
 def test_stage_timings_are_recorded():
-    model = _model().eval()
+    model = tiny_detector("det/faster_rcnn").eval()
     model.time_stages = True
     with torch.no_grad():
         model(torch.zeros(2, 3, 64, 64))
     assert all(model.stage_seconds[name] > 0 for name in ("shared_conv", "proposals", "per_region"))
 
 
-import pytest  # noqa: E402
-
-
 @pytest.mark.parametrize("overrides", [{"backbone": "resnet18"},
                                        {"backbone": "resnet18", "fpn": True, "anchor_scales": "16,32,64,128,256"}])
 def test_resnet_backbones_with_and_without_a_feature_pyramid_train_and_detect(overrides):
-    model = _model(**overrides)
-    images, targets = _scenes(2)
+    model = tiny_detector("det/faster_rcnn", **overrides)
+    images, targets = scene_batch(range(2), seed=3)
     losses = model(images, targets)
     assert set(losses) == {"rpn_objectness", "rpn_box", "roi_class", "roi_box"}
     sum(losses.values()).backward()

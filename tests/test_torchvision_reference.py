@@ -2,31 +2,14 @@
 import torch
 
 from detseg import registry
-from detseg.config import resolve
-from detseg.data.dataset import InstanceDataset
-from detseg.data.scenes import ScenesSource
+
+from .detection_support import scene_batch, tiny_detector
 
 TORCHVISION_LOSSES = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
-def _model(**overrides):
-    entry = registry.get("det/torchvision_faster_rcnn")
-    config = resolve(entry.all_options(), {"width": 8, "image_size": 64, **overrides})
-    torch.manual_seed(0)
-    return entry.build(config, {"num_classes": 8, "image_size": 64})
-
-
-def _scenes(count, size=64):
-    dataset = InstanceDataset(ScenesSource(count, size=size, seed=3))
-    pairs = [dataset[i] for i in range(count)]
-    images = torch.stack([image for image, _ in pairs])
-    targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"], "iscrowd": t["iscrowd"]}
-               for _, t in pairs]
-    return images, targets
-
-
 def test_our_backbone_input_size_statistics_and_anchors_are_used():
-    model = _model(anchor_scales="8,16", anchor_ratios="0.5,1,2")
+    model = tiny_detector("det/torchvision_faster_rcnn", anchor_scales="8,16", anchor_ratios="0.5,1,2")
     detector = model.detector
     assert detector.backbone.out_channels == detector.roi_heads.box_head.fc6.in_features // 49
     assert detector.transform.min_size == (64,) and detector.transform.max_size == 64
@@ -36,8 +19,8 @@ def test_our_backbone_input_size_statistics_and_anchors_are_used():
 
 
 def test_losses_in_train_mode_empty_dict_in_eval_mode_and_empty_images_train():
-    model = _model().train()
-    images, targets = _scenes(2)
+    model = tiny_detector("det/torchvision_faster_rcnn").train()
+    images, targets = scene_batch(range(2), seed=3)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
              "iscrowd": torch.zeros(0, dtype=torch.long)}
     losses = model(images, [targets[0], empty])
@@ -52,12 +35,12 @@ def test_losses_in_train_mode_empty_dict_in_eval_mode_and_empty_images_train():
 def test_crowd_boxes_are_not_trained_as_objects():
     target = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0], [30.0, 30.0, 50.0, 60.0]]),
               "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([0, 1])}
-    converted = _model()._torchvision_targets([target])[0]
+    converted = tiny_detector("det/torchvision_faster_rcnn")._torchvision_targets([target])[0]
     assert converted["labels"].tolist() == [1] and converted["boxes"].shape == (1, 4)
 
 
 def test_detections_have_the_contract_format():
-    model = _model().eval()
+    model = tiny_detector("det/torchvision_faster_rcnn").eval()
     with torch.no_grad():
         detections = model(torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8))
     assert len(detections) == 3
@@ -69,8 +52,8 @@ def test_detections_have_the_contract_format():
 
 
 def test_a_few_steps_reduce_the_loss():
-    images, targets = _scenes(2)
-    model = _model().train()
+    images, targets = scene_batch(range(2), seed=3)
+    model = tiny_detector("det/torchvision_faster_rcnn").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     totals = []
     for _ in range(12):

@@ -60,7 +60,7 @@ class DetectionSet(torch.utils.data.Dataset):
         return self.images[index], self.targets[index], proposals
 
 
-def _plain_target(target: dict) -> dict:
+def plain_target(target: dict) -> dict:
     """Keep what detectors train on, as plain tensors (tv_tensors subclasses are not needed past the data set)."""
     return {"boxes": target["boxes"].as_subclass(torch.Tensor).float(), "labels": target["labels"],
             "iscrowd": target["iscrowd"], "image_id": int(target["image_id"])}
@@ -105,7 +105,7 @@ class DetectionTask(Task):
             proposals = None
             if "ss_mode" in config:
                 proposals = precompute_proposals(images, config, f"selective search ({split})")
-            sets[split] = DetectionSet(images, [_plain_target(t) for t in targets], proposals)
+            sets[split] = DetectionSet(images, [plain_target(t) for t in targets], proposals)
         sizes = {int(image["id"]): (int(image["width"]), int(image["height"])) for image in val_source.images}
         info = {"num_classes": len(train_names), "class_names": train_names, "image_size": size}
         extras = {"val_ground_truth": coco_ground_truth(val_source), "val_sizes": sizes,
