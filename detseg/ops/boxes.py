@@ -255,6 +255,11 @@ def clip_and_filter(boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple
     return Filtered(boxes[keep], scores[keep], None if labels is None else labels[keep], keep)
 
 
+def mirror_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """``(N, 4)`` xyxy boxes of an image of ``width`` flipped left-right: ``x -> width - x``, corners swapped."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
 # --- sliding windows ----------------------------------------------------------------------------------------------
 
 def _window_starts(image_side: int, window_side: float, stride: float) -> torch.Tensor:

@@ -74,11 +74,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def to_square_input(image: np.ndarray, size: int) -> torch.Tensor:
-    """A raw RGB image (H, W, 3) of any size -> normalised (1, 3, size, size)."""
+def resize_to_square(image: np.ndarray, size: int) -> torch.Tensor:
+    """A raw RGB image (H, W, 3) of any size -> (1, 3, size, size) float pixels, rounded to 0..255."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return normalize(x.round().clamp(0, 255))
+    return x.round().clamp(0, 255)
+
+
+def to_square_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """A raw RGB image (H, W, 3) of any size -> normalised (1, 3, size, size)."""
+    return normalize(resize_to_square(image, size))
 
 
 def label_names(source) -> list[str]:

@@ -17,7 +17,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
@@ -27,9 +26,10 @@ from ..data.dataset import coco_ground_truth, label_maps
 from ..engine.run import write_json
 from ..errors import ConfigError
 from ..metrics import coco_eval, results_from_detections
+from ..ops.boxes import mirror_boxes
 from ..registry import register
 from .base import DataBundle, Task, attach_run_options, run_options, unwrap
-from .dense import label_names, materialize, open_splits
+from .dense import label_names, materialize, open_splits, resize_to_square
 from .segmentation import PALETTE
 
 DETECTION_OPTIONS = {
@@ -134,12 +134,8 @@ class DetectionTask(Task):
     def _flip(images, targets, proposals):
         """Mirror a batch left-right: images, boxes and proposals (x -> W - x)."""
         width = images.shape[-1]
-
-        def mirror(boxes):
-            return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-
-        targets = [{**t, "boxes": mirror(t["boxes"])} for t in targets]
-        proposals = None if proposals is None else [mirror(p) for p in proposals]
+        targets = [{**t, "boxes": mirror_boxes(t["boxes"], width)} for t in targets]
+        proposals = None if proposals is None else [mirror_boxes(p, width) for p in proposals]
         return images.flip(-1), targets, proposals
 
     def losses(self, model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -189,9 +185,7 @@ class DetectionTask(Task):
         side, names, predictions = info["image_size"], info["class_names"], []
         for image in images:
             height, width = image.shape[:2]
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-            detections = model(pixels.round().clamp(0, 255).to(device))[0]
+            detections = model(resize_to_square(image, side).to(device))[0]   # detectors normalise themselves
             boxes = detections["boxes"].cpu() * torch.tensor([width / side, height / side] * 2)
             predictions.append({
                 "boxes": [[round(float(v), 2) for v in box] for box in boxes],

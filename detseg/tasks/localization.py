@@ -17,6 +17,7 @@ from ..data.records import LSP_FLIP
 from ..data.scenes import PERSON_ID
 from ..errors import ConfigError
 from ..metrics import loc_metrics, pck
+from ..ops.boxes import mirror_boxes
 from ..models.localization import classify_localize, pose_regression
 from ..models.localization.classify_localize import ClassifyLocalize, boxes_to_normalized, boxes_to_pixels
 from ..models.localization.pose_regression import PoseRegressor, draw_pose
@@ -77,7 +78,7 @@ class _SingleObjectTask(Task):
     @staticmethod
     def flip_batch(images, boxes, keypoints, size):
         """Mirror images, boxes (pixel xyxy) and joints (left <-> right swapped) horizontally."""
-        boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1)
+        boxes = mirror_boxes(boxes, size)
         if keypoints.shape[1]:
             keypoints = keypoints[:, list(LSP_FLIP)].clone()
             labeled = keypoints[..., 2] > 0

@@ -42,7 +42,7 @@ from torch import nn
 
 from ...ops.boxes import Matcher, assign_targets, clip_and_filter, decode_box_deltas, encode_box_deltas, \
     sample_balanced
-from ...tasks.dense import MEAN, STD
+from ...tasks.dense import normalize
 
 # Fast R-CNN's scaling of the four delta targets: centre shifts are small numbers, so they are blown up 10x (and
 # log-size ratios 5x) to give the regression loss comparable magnitudes on all four.
@@ -68,13 +68,6 @@ class Postprocess:
     nms_thresh: float = 0.5
     detections_per_image: int = 100
     min_size: float = 1.0
-
-
-def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
-    """0-255 pixels (uint8 or float) (N, 3, H, W) -> zero-centred floats, with the statistics of every dense task."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 class BoxPredictor(nn.Module):
@@ -151,7 +144,7 @@ class RegionDetector(nn.Module):
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None,
                 proposals: list[torch.Tensor] | None = None):
         image_size = tuple(images.shape[-2:])
-        pixels = normalize_pixels(images)
+        pixels = normalize(images)                   # the dense tasks' fixed statistics
         with self._stage("shared_conv"):
             features = self.backbone(pixels) if self.backbone is not None else pixels
             head_input = self.roi_head.per_image(features) if hasattr(self.roi_head, "per_image") else features
