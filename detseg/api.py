@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from . import __version__, registry
-from .config import load_yaml, parse_overrides, resolve, save_yaml
+from .config import parse_overrides, resolve
 from .data.images import load_rgb
 from .engine.checkpoint import load_checkpoint
-from .engine.run import finish, fit, write_json
+from .engine.run import finish, fit
 from .engine.trainer import Trainer
 from .errors import ConfigError
+from .tasks.base import predict_arrays
+from .io import load_yaml, save_yaml, write_json
 from .viz import save_png
 
 
@@ -95,19 +97,19 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     _use_machine_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)), config["threads"])
-    placeholder = entry.task.placeholder_info(config, data)
+    task = entry.make_task(config)
+    placeholder = task.placeholder_info(data)
     if placeholder is not None:
         entry.build(config, placeholder)  # fail fast on a bad knob combination
     seed_everything(config["seed"])
-    bundle = entry.task.make_data(config, data, val)
+    bundle = task.make_data(data, val)
 
     def build_model() -> torch.nn.Module:
         return entry.build(config, bundle.info)
 
     seed_everything(config["seed"])  # the same initial weights whatever the data generation consumed
     model = build_model()
-    trainer = Trainer(model, entry.task, bundle, config, device=device, rank=rank, world=world,
-                      progress=progress)
+    trainer = Trainer(model, task, bundle, config, device=device, rank=rank, world=world, progress=progress)
     trainer.set_checkpoint_extras(model_name=model_name, config=config, info=bundle.info, version=__version__)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,17 +144,18 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, val: str | None
              out: str | Path | None = None, device: str = "cpu") -> dict[str, float]:
     """Metrics of a checkpoint on the validation data of its run (or on ``data`` / ``val`` given here)."""
     model, payload = load(checkpoint, device)
-    entry = registry.get(payload["model_name"])
     config = dict(payload["config"])
+    task = registry.get(payload["model_name"]).make_task(config)
     seed_everything(config["seed"])
-    bundle = entry.task.make_data(config, data, val)
-    trainer = Trainer(model, entry.task, bundle, config, device=device, progress=False)
-    metrics = trainer.evaluate()
+    bundle = task.make_data(data, val)
+    trainer = Trainer(model, task, bundle, config, device=device, progress=False)
+    scorer = task.scorer(bundle)
+    metrics = trainer.evaluate(model, scorer)
     metrics["params"] = _count_params(model)
     if out is not None:
         out = Path(out)
         write_json(out / "metrics.json", metrics)
-        entry.task.write_outputs(model, bundle, out, torch.device(device))
+        task.write_outputs(scorer, out)
     return metrics
 
 
@@ -160,12 +163,13 @@ def predict(checkpoint: str | Path, images: Iterable[str | Path], *, out: str | 
             device: str = "cpu") -> list[dict]:
     """Predictions for image files; with ``out``, also a drawing per image and predictions.json."""
     model, payload = load(checkpoint, device)
-    task = registry.get(payload["model_name"]).task
+    task = registry.get(payload["model_name"]).make_task(dict(payload["config"]))
+    task.check_predictable(payload["info"])
     paths = [Path(path) for path in images]
     if not paths:
         raise ConfigError("predict: give at least one image file")
     pixels = [load_rgb(path) for path in paths]
-    predictions = task.predict(model, pixels, payload["info"], torch.device(device))
+    predictions = predict_arrays(model, task, pixels, payload["info"], torch.device(device))
     # Keys starting with "_" hold arrays for drawing (a label map, say), not for predictions.json.
     results = [{"image": str(path), **{key: value for key, value in prediction.items() if not key.startswith("_")}}
                for path, prediction in zip(paths, predictions)]

@@ -171,8 +171,10 @@ def bench_command(study, out, quick) -> None:
 @click.option("--admin-token", default=None, envvar="DETSEG_HYPERQUEST_ADMIN_TOKEN",
               help="Token for /admin/export (default: random, printed at start).")
 def hyperquest_command(host, port, db_url, data_dir, workers, epoch_limit, dataset_pool, admin_token) -> None:
-    """Run HyperQuest, the hyperparameter game, as a web server."""
-    from .hyperquest import Settings
+    """Run HyperQuest, the hyperparameter game, as a web server (needs the extra: pip install 'detseg[hyperquest]')."""
+    from .hyperquest import Settings, require_web_extra
+
+    require_web_extra()
     from .hyperquest.app import serve
 
     settings = Settings.create(db_url, data_dir, workers=workers, epoch_limit=epoch_limit,

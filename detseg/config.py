@@ -1,20 +1,16 @@
 """Run configuration: one flat dict per run, validated against the options the model and its task declare.
 
 A run config is everything needed to rerun: the model name, every knob, every training hyperparameter and the data
-arguments. It is written to ``RUN_DIR/config.yaml`` and read back by ``--resume``, ``detseg eval`` and checkpoints.
+arguments. It is saved as ``RUN_DIR/config.yaml`` and read back by ``--resume``, ``detseg eval`` and checkpoints;
+the reading and writing is :mod:`detseg.io`'s, this module does no file I/O.
 Overrides come from the command line as ``key=value`` strings and are parsed against the option's type, so a typo or
 an out-of-range value is a :class:`ConfigError` that lists what is valid, never a surprise deep in training.
 """
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping
-
-import yaml
 
 from .errors import ConfigError
 
@@ -136,40 +132,6 @@ def resolve(options: Mapping[str, Option], overrides: Mapping[str, Any] | None =
                 raise ConfigError(f"unknown config key '{key}'; valid keys are: {', '.join(sorted(options))}")
             config[key] = options[key].parse(key, raw)
     return config
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_yaml(path: Path | str, data: Mapping[str, Any]) -> None:
-    atomic_write_bytes(path, yaml.safe_dump(dict(data), sort_keys=False).encode())
-
-
-def load_yaml(path: Path | str) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of key: value")
-    return data
 
 
 def number_list(key: str, text: str | float | int, positive: bool = True) -> tuple[float, ...]:

@@ -1,12 +1,10 @@
-"""Losses the methods share: per-pixel cross-entropy, coordinate regression, and the multi-task weighted sum.
+"""Losses the methods share: per-pixel cross-entropy and coordinate regression.
 
 Localization, pose and every detector are multi-task: a classification loss plus a regression loss, added with a
 weight that is one more hyperparameter (the lecture's point: the weight changes what "the loss" means, so compare
 runs by the metric you care about, not by the total loss).
 """
 from __future__ import annotations
-
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -74,14 +72,3 @@ def box_regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l
     if pred.shape[-1] != 4 or pred.shape != target.shape:
         raise ValueError(f"boxes must be (..., 4) and alike, got {tuple(pred.shape)} and {tuple(target.shape)}")
     return coordinate_loss(pred, target, kind, beta, weight)
-
-
-def weighted_sum(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None) -> torch.Tensor:
-    """``sum_k weights[k] * losses[k]`` (weight 1 where none is given); a weight for a missing loss is an error."""
-    weights = dict(weights or {})
-    unknown = set(weights) - set(losses)
-    if unknown:
-        raise ConfigError(f"loss weights for unknown losses {sorted(unknown)}; losses are {sorted(losses)}")
-    if not losses:
-        raise ValueError("weighted_sum of no losses")
-    return sum(weights.get(name, 1.0) * value for name, value in losses.items())

@@ -1,4 +1,4 @@
-"""Every number detseg reports, one function per task (DESIGN §2, "metrics.json keys").
+"""Every number detseg reports, one function per task; the names below are the keys of a run's metrics.json.
 
 The lecture's tasks are judged differently, and this module follows its order:
 

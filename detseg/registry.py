@@ -1,7 +1,8 @@
 """Every model, found by its name (``task/method``), in one flat table.
 
-A model registers itself next to its definition with :func:`register`; the CLI and the API only ever call
-:func:`get` and :func:`names`. Importing :mod:`detseg.registry` imports the modules that register models.
+A model registers itself beside its task with :func:`register`; the CLI and the API only ever call :func:`get`
+and :func:`names`, which import the modules that register models on first use. A module that fails to import is
+an error naming it - never a model that silently goes missing.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from .tasks.base import ModelEntry, Task
 
 _MODELS: dict[str, ModelEntry] = {}
 
-# Modules whose import registers models. A module listed here that does not exist yet is simply skipped, so that
-# the table grows as methods land without a central edit elsewhere.
+# Modules whose import registers models.
 _MODEL_MODULES = (
     "detseg.tasks.classification",
     "detseg.tasks.segmentation",
@@ -25,7 +25,7 @@ _MODEL_MODULES = (
 _loaded = False
 
 
-def register(name: str, task: Task, description: str, options: dict[str, Option] | None = None):
+def register(name: str, task: type[Task], description: str, options: dict[str, Option] | None = None):
     """Decorator for a builder ``(config, info) -> nn.Module``."""
 
     def decorate(build: Callable):
@@ -41,13 +41,13 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for module in _MODEL_MODULES:
         try:
             importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a real missing dependency inside an existing module: surface it
-                raise
+        except Exception as err:
+            raise ImportError(f"registering models: importing {module} failed "
+                              f"({type(err).__name__}: {err})") from err
+    _loaded = True
 
 
 def names() -> list[str]:

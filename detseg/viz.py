@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 from torchvision.utils import (draw_bounding_boxes, draw_keypoints, draw_segmentation_masks,  # noqa: E402
                                make_grid)
 
-from .config import atomic_write_bytes  # noqa: E402
+from .io import atomic_write_bytes, write_text  # noqa: E402
 from .data.records import LSP_SKELETON  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def save_figure(figure, path: Path | str) -> None:
 def save_report(path: Path | str, lines: Sequence[str]) -> str:
     """Write a benchmark's report.md (lines joined by newlines), atomically; returns the text."""
     text = "\n".join(lines)
-    atomic_write_bytes(path, text.encode())
+    write_text(path, text)
     return text
 
 

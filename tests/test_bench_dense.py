@@ -114,7 +114,7 @@ def test_localization_study_writes_results_with_every_schedule_and_weight(tmp_pa
 
 
 def test_class_weights_favour_rare_classes_and_keep_the_average_pixel_at_one():
-    from detseg.tasks.segmentation import class_weights
+    from detseg.models.segmentation.segmenter import class_weights
     share = [0.8, 0.15, 0.05, 0.0]
     assert class_weights(share, "none") is None
     for weighting in ("sqrt_inverse", "inverse"):

@@ -1,11 +1,13 @@
 """The CLI contract: commands work end to end; bad input is one line on stderr and exit status 2."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import set_at
+from .conftest import ROOT, set_at
 
 
 def _one_line_error(result, *fragments):
@@ -151,3 +153,57 @@ def test_scenes_written_then_checked(cli, tmp_path):
     summary = json.loads(check.stdout)
     assert summary["images"] == 6 and summary["annotations"] >= 6 and summary["with_captions"] == summary[
         "annotations"]
+
+
+# --- HyperQuest's web stack is an optional extra -----------------------------------------------------------------
+
+WEB_STACK = ("fastapi", "uvicorn", "sqlalchemy", "plotly", "itsdangerous")
+
+
+@pytest.mark.parametrize("module", WEB_STACK)
+def test_hyperquest_without_the_extra_is_one_line_and_exit_2(cli, monkeypatch, tmp_path, module):
+    monkeypatch.setitem(sys.modules, module, None)                 # ``import module`` now raises ImportError
+    # Were the check missing, importing the server must fail here rather than start one.
+    monkeypatch.setitem(sys.modules, "detseg.hyperquest.app", None)
+    line = _one_line_error(cli("hyperquest", "--data-dir", tmp_path / "hq"), "pip install 'detseg[hyperquest]'",
+                           module)
+    assert line.startswith("error: ")
+    assert not (tmp_path / "hq").exists()                           # nothing was set up
+
+
+def test_bench_hyperquest_without_the_extra_is_one_line_and_exit_2(cli, monkeypatch, tmp_path):
+    import detseg.bench.hyperquest as bench
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the benchmark started without the web extra")
+
+    monkeypatch.setattr(bench, "epoch_timing", must_not_run)
+    monkeypatch.setattr(bench, "many_players", must_not_run)
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    _one_line_error(cli("bench", "hyperquest", "--out", tmp_path / "bench"), "pip install 'detseg[hyperquest]'",
+                    "fastapi")
+
+
+def test_core_modules_do_not_import_the_web_stack():
+    code = ("import detseg.cli, detseg.api, detseg.registry; import sys; "
+            f"assert not any(m.split('.')[0] in {WEB_STACK!r} for m in sys.modules), "
+            f"sorted(m for m in sys.modules if m.split('.')[0] in {WEB_STACK!r})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_commands_work_with_the_web_stack_unimportable():
+    """A fresh interpreter where importing any web module fails still lists models and their config."""
+    code = "\n".join([
+        "import sys",
+        f"for name in {WEB_STACK!r}: sys.modules[name] = None",
+        "from click.testing import CliRunner",
+        "import detseg.api, detseg.registry",
+        "from detseg.cli import main",
+        "for args in (['models'], ['config', 'cls/mlp']):",
+        "    result = CliRunner().invoke(main, args, catch_exceptions=False)",
+        "    assert result.exit_code == 0, (args, result.output)",
+        "    assert result.stdout.strip(), args",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr

@@ -1,7 +1,7 @@
 """Run configs: overrides are parsed by type and checked; errors name the key and list what is valid."""
 import pytest
 
-from detseg.config import TRAIN_OPTIONS, Option, load_yaml, parse_overrides, resolve, save_yaml
+from detseg.config import TRAIN_OPTIONS, Option, parse_overrides, resolve
 from detseg.errors import ConfigError
 
 
@@ -44,11 +44,4 @@ def test_bool_and_int_parsing():
         resolve(options, {"flag": "maybe"})
 
 
-def test_yaml_round_trip_is_atomic(tmp_path):
-    path = tmp_path / "run" / "config.yaml"
-    save_yaml(path, {"model": "cls/mlp", "config": {"lr": 0.1}})
-    assert load_yaml(path) == {"model": "cls/mlp", "config": {"lr": 0.1}}
-    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temporary file left behind
-    path.write_text("- just\n- a list\n")
-    with pytest.raises(ConfigError, match="expected a mapping"):
-        load_yaml(path)
+# Saving and reading config.yaml is detseg.io's (tests/test_io.py).

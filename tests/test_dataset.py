@@ -13,8 +13,8 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
-from detseg.data.dataset import (InstanceDataset, RandomHorizontalFlipWithJoints, coco_ground_truth,
-                                 detection_collate, keypoint_flip_index, label_names)
+from detseg.data.dataset import InstanceDataset, coco_ground_truth, detection_collate, keypoint_flip_index, label_names
+from detseg.data.transforms import RandomHorizontalFlipWithJoints
 from detseg.data.records import LSP_FLIP, LSP_JOINTS, Sample
 from detseg.errors import DataError
 

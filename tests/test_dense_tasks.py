@@ -18,8 +18,9 @@ def _trainer(name, **overrides):
     entry = registry.get(name)
     config = resolve(entry.all_options(), {**TINY, **overrides})
     api.seed_everything(0)
-    bundle = entry.task.make_data(config, None, None)
-    return Trainer(entry.build(config, bundle.info), entry.task, bundle, config, progress=False)
+    task = entry.make_task(config)
+    bundle = task.make_data(None, None)
+    return Trainer(entry.build(config, bundle.info), task, bundle, config, progress=False)
 
 
 @pytest.mark.parametrize("name, overrides", [
@@ -58,16 +59,28 @@ def test_freeze_epochs_keeps_the_backbone_fixed_then_releases_it():
 
 
 def test_pose_flip_swaps_left_and_right():
-    from detseg.tasks.localization import PoseTask
+    from detseg.data.records import LSP_FLIP
+    from detseg.data.transforms import Augmentation
 
     keypoints = torch.zeros(1, 14, 3)
     keypoints[0, 0] = torch.tensor([10.0, 20.0, 2])   # r_ankle
     keypoints[0, 5] = torch.tensor([30.0, 20.0, 2])   # l_ankle
     boxes = torch.tensor([[5.0, 5.0, 40.0, 45.0]])
-    _, flipped_boxes, flipped = PoseTask.flip_batch(torch.zeros(1, 3, 48, 48), boxes, keypoints, 48)
-    assert flipped[0, 0].tolist() == [17.0, 20.0, 2.0]   # the new right ankle is the old left one, mirrored
-    assert flipped[0, 5].tolist() == [37.0, 20.0, 2.0]
-    assert flipped_boxes[0].tolist() == [8.0, 5.0, 43.0, 45.0]
+    image = torch.zeros(3, 48, 48, dtype=torch.uint8)
+    image[:, :, :10] = 255
+    augment = Augmentation(hflip=True, flip_index=LSP_FLIP)
+    outcomes = [augment(image, {"keypoints": keypoints, "boxes": boxes}, seed) for seed in range(12)]
+    flipped = [(picture, target) for picture, target in outcomes if picture[0, 0, -1] == 255]
+    kept = [(picture, target) for picture, target in outcomes if picture[0, 0, 0] == 255]
+    assert flipped and kept and len(flipped) + len(kept) == 12      # a coin per sample, drawn from the seed
+    for picture, target in flipped:
+        assert target["keypoints"][0, 0].tolist() == [17.0, 20.0, 2.0]   # the new right ankle: the old left one
+        assert target["keypoints"][0, 5].tolist() == [37.0, 20.0, 2.0]
+        assert target["boxes"][0].tolist() == [8.0, 5.0, 43.0, 45.0]
+    for picture, target in kept:
+        assert torch.equal(target["keypoints"], keypoints) and torch.equal(target["boxes"], boxes)
+    again = augment(image, {"keypoints": keypoints, "boxes": boxes}, 3)
+    assert torch.equal(again[0], outcomes[3][0]) and torch.equal(again[1]["keypoints"], outcomes[3][1]["keypoints"])
 
 
 @pytest.mark.parametrize("name, key", [("seg/encoder_decoder", "pixel_share"), ("loc/classify_localize", "box_xyxy"),

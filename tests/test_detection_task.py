@@ -89,3 +89,41 @@ def test_bad_detection_input_is_one_clear_line(tmp_path, cli, scenes_files):
     assert result.returncode == 2 and "--val" in result.stderr
     result = cli("train", "det/faster_rcnn", "anchor_scales=8,x", "--out", tmp_path / "r")
     assert result.returncode == 2 and "anchor_scales" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_metrics_map_model_input_boxes_back_to_the_original_pixels(tmp_path, scenes_files):
+    """An oracle that returns the true boxes in model-input pixels (48 px) of 64 px validation images scores AP 1:
+    the scorer's mapping to the original pixels is exact, and metrics.json's AP is pycocotools' own."""
+    from detseg.models.base import DetsegModel
+
+    entry = registry.get("det/faster_rcnn")
+    config = resolve(entry.all_options(), {"image_size": 48, "width": 8, "batch_size": 4})
+    task = entry.make_task(config)
+    bundle = task.make_data(str(scenes_files / "train.json"), str(scenes_files / "val.json"))
+    assert tuple(bundle.val.images.shape[-2:]) == (48, 48)
+    truth = {bytes(image.numpy()): target for image, target in zip(bundle.val.images, bundle.val.targets)}
+
+    class Oracle(DetsegModel):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))      # the trainer wants something to optimise
+
+        def training_losses(self, images, targets):
+            return {}
+
+        def inference(self, images):
+            outputs = []
+            for image in images:
+                target = truth[bytes(image.cpu().numpy())]
+                keep = target["iscrowd"] == 0
+                outputs.append({"boxes": target["boxes"][keep], "labels": target["labels"][keep],
+                                "scores": torch.ones(int(keep.sum()))})
+            return outputs
+
+    trainer = Trainer(Oracle(), task, bundle, config, progress=False)
+    scorer = task.scorer(bundle)
+    metrics = trainer.evaluate(scorer=scorer)
+    assert metrics["ap"] >= 0.99 and metrics["ap50"] >= 0.99
+    task.write_outputs(scorer, tmp_path)
+    stats = _pycocotools_ap(scenes_files / "val.json", str(tmp_path / "predictions.json"))
+    assert [metrics[key] for key in ("ap", "ap50", "ap75")] == pytest.approx(list(stats[:3]), abs=1e-12)

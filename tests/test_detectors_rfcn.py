@@ -5,7 +5,7 @@ from torchvision.ops import box_iou
 
 from detseg.config import resolve
 from detseg.models.detection import rfcn
-from detseg.models.detection.fast_rcnn import ROI_HEAD_OPTIONS
+from detseg.models.detection.heads import ROI_HEAD_OPTIONS
 from detseg.models.detection.rpn import RPN_OPTIONS
 
 from .detection_support import scene_batch

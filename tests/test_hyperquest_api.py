@@ -206,7 +206,7 @@ def test_a_diverged_epoch_is_shown_and_revert_still_works(client, monkeypatch):
 
     def poisoned(trainer):                            # the weights blow up: every later loss is NaN
         with torch.no_grad():
-            trainer.model.classifier.weight.fill_(float("inf"))
+            trainer.model.network.classifier.weight.fill_(float("inf"))
         return real_epoch(trainer)
 
     login(client)

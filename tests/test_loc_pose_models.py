@@ -8,13 +8,14 @@ import torch
 
 from detseg.data.records import LSP_JOINTS
 from detseg.errors import ConfigError
-from detseg.losses import box_regression_loss, coordinate_loss, weighted_sum
+from detseg.losses import box_regression_loss, coordinate_loss
 from detseg.models.backbones import TinyConvNet, torchvision_backbone
+from detseg.models.base import SCENES_MEAN, SCENES_STD
 from detseg.models.localization import classify_localize, pose_regression
 from detseg.models.localization.classify_localize import (
     ClassifyLocalize, boxes_to_normalized, boxes_to_pixels, draw_localization,
 )
-from detseg.models.localization.pose_regression import PoseRegressor, draw_pose, flip_keypoints
+from detseg.models.localization.pose_regression import PoseRegressor, draw_pose
 
 
 def single_object_batch(count=4, size=32, seed=0):
@@ -48,6 +49,26 @@ def stick_figure_batch(count=4, size=32, seed=0):
     visible = np.ones((count, 14), dtype=np.int64) * 2
     visible[:, :2] = 0
     return torch.from_numpy(images), torch.from_numpy(joints / size).float(), torch.from_numpy(visible)
+
+
+def as_model_input(normalized):
+    """Normalised images -> the [0, 1] images that the model's own transform normalises back to them."""
+    mean = torch.tensor(SCENES_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(SCENES_STD).view(1, 3, 1, 1)
+    return normalized * std + mean
+
+
+def localization_targets(labels, boxes_normalized, size):
+    """Contract targets for ``single_object_batch``: per image ``{"labels": (1,), "boxes": (1, 4) xyxy pixels}``."""
+    boxes = boxes_to_pixels(boxes_normalized, size, size)
+    return [{"labels": labels[n:n + 1], "boxes": boxes[n:n + 1]} for n in range(len(labels))]
+
+
+def pose_targets(joints_normalized, visible, size):
+    """Contract targets for ``stick_figure_batch``: per image ``{"keypoints": (1, 14, 3)}`` pixels + visibility."""
+    keypoints = torch.cat([joints_normalized * size, visible[..., None].float()], dim=-1)
+    return [{"keypoints": keypoints[n:n + 1], "boxes": torch.tensor([[0.0, 0.0, size, size]])}
+            for n in range(len(keypoints))]
 
 
 def train_steps(loss_fn, parameters, steps, lr=3e-3):
@@ -84,14 +105,6 @@ def test_coordinate_loss_counts_only_weighted_items():
     assert coordinate_loss(pred, target, "l1", weight=weight).item() == pytest.approx(2.0)
 
 
-def test_weighted_sum():
-    losses = {"cls": torch.tensor(2.0), "box": torch.tensor(3.0)}
-    assert weighted_sum(losses, {"box": 10.0}).item() == pytest.approx(32.0)
-    assert weighted_sum(losses).item() == pytest.approx(5.0)
-    with pytest.raises(ConfigError, match="unknown losses"):
-        weighted_sum(losses, {"mask": 1.0})
-
-
 # --- backbones ---------------------------------------------------------------------------------------------------
 
 def test_tiny_convnet_stride_and_channels():
@@ -119,11 +132,17 @@ def test_torchvision_backbones_are_random_and_shaped():
 @pytest.mark.parametrize("box_head, box_shape", [("agnostic", (2, 4)), ("per_class", (2, 7, 4))])
 def test_classify_localize_outputs(box_head, box_shape):
     model = ClassifyLocalize(num_classes=7, width=4, depth=2, box_head=box_head)
-    outputs = model(torch.randn(2, 3, 48, 40))
+    outputs = model.outputs(torch.randn(2, 3, 48, 40))
     assert outputs["logits"].shape == (2, 7) and outputs["boxes"].shape == box_shape
     assert outputs["boxes"].min() >= 0 and outputs["boxes"].max() <= 1
-    prediction = model.eval().predict(torch.randn(2, 3, 48, 40))
-    assert prediction["boxes"].shape == (2, 4) and prediction["labels"].shape == (2,)
+    predictions = model.eval()(list(torch.rand(2, 3, 48, 40)))
+    assert len(predictions) == 2
+    for prediction in predictions:
+        assert prediction["boxes"].shape == (1, 4) and prediction["labels"].shape == (1,)
+        assert prediction["scores"].shape == (1,) and 0 <= prediction["scores"].item() <= 1
+        assert 0 <= prediction["labels"].item() < 7
+        boxes = prediction["boxes"]                                       # xyxy in the 48 x 40 image's pixels
+        assert boxes.min() >= 0 and boxes[:, 0::2].max() <= 40 + 1e-4 and boxes[:, 1::2].max() <= 48 + 1e-4
 
 
 def test_per_class_box_loss_trains_only_the_true_class_box():
@@ -147,33 +166,40 @@ def test_box_weight_scales_only_the_box_loss():
 
 def test_freeze_backbone_trains_heads_only_and_keeps_batch_norm_statistics():
     images, labels, boxes = single_object_batch()
-    model = ClassifyLocalize(num_classes=3, width=4, depth=2)
+    pixels, targets = as_model_input(images), localization_targets(labels, boxes, 32)
+    model = ClassifyLocalize(num_classes=3, width=4, depth=2, image_size=32)
     model.freeze_backbone(True)
     model.train()
     backbone_before = {k: v.clone() for k, v in model.features.backbone.state_dict().items()}
     head_before = model.box_head.weight.clone()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    train_steps(lambda: sum(model.loss(model(images), labels, boxes).values()), trainable, steps=2)
+    train_steps(lambda: sum(model(pixels, targets).values()), trainable, steps=2)
     assert not model.features.backbone.training                      # batch norm frozen even in train mode
     assert all(torch.equal(v, backbone_before[k]) for k, v in model.features.backbone.state_dict().items())
     assert not torch.equal(model.box_head.weight, head_before)
     model.freeze_backbone(False)
     assert model.features.backbone.training
-    train_steps(lambda: sum(model.loss(model(images), labels, boxes).values()), model.parameters(), steps=1)
+    train_steps(lambda: sum(model(pixels, targets).values()), model.parameters(), steps=1)
     assert not torch.equal(model.features.backbone.stem[0].weight, backbone_before["stem.0.weight"])
 
 
 @pytest.mark.parametrize("box_head, box_loss", [("agnostic", "l2"), ("per_class", "smooth_l1")])
 def test_classify_localize_overfits_a_tiny_batch(box_head, box_loss):
     images, labels, boxes = single_object_batch()
+    pixels, targets = as_model_input(images), localization_targets(labels, boxes, 32)
     torch.manual_seed(0)
-    model = ClassifyLocalize(num_classes=3, width=8, depth=3, hidden=64, box_head=box_head, box_loss=box_loss)
-    loss_fn = lambda: sum(model.loss(model(images), labels, boxes).values())  # noqa: E731
+    model = ClassifyLocalize(num_classes=3, width=8, depth=3, hidden=64, box_head=box_head, box_loss=box_loss,
+                             image_size=32)
+    # The contract's training path is the bare network's loss on the normalised batch.
+    losses = model(pixels, targets)
+    direct = model.loss(model.outputs(images), labels, boxes)
+    assert all(losses[key].item() == pytest.approx(direct[key].item(), rel=1e-4, abs=1e-6) for key in direct)
+    loss_fn = lambda: sum(model(pixels, targets).values())  # noqa: E731
     first, last = train_steps(loss_fn, model.parameters(), steps=100)
     assert last < first / 10
     model.eval()
-    prediction = model.predict(images)
-    assert torch.equal(prediction["labels"], labels)
+    predictions = model(pixels)
+    assert torch.equal(torch.cat([prediction["labels"] for prediction in predictions]), labels)
 
 
 def test_box_conversions_round_trip_and_drawing():
@@ -191,8 +217,14 @@ def test_box_conversions_round_trip_and_drawing():
 
 def test_pose_outputs_and_loss_skips_unlabeled_joints():
     model = PoseRegressor(width=4, depth=2, loss="l2")
-    pred = model(torch.randn(2, 3, 40, 40))
+    pred = model.joints(torch.randn(2, 3, 40, 40))
     assert pred.shape == (2, 14, 2) and pred.min() >= 0 and pred.max() <= 1
+    predictions = model.eval()(list(torch.rand(2, 3, 48, 40)))
+    assert len(predictions) == 2
+    for prediction in predictions:                                        # joints in the 48 x 40 image's pixels
+        keypoints = prediction["keypoints"]
+        assert keypoints.shape == (1, 14, 3) and keypoints[..., :2].min() >= 0
+        assert keypoints[..., 0].max() <= 40 + 1e-4 and keypoints[..., 1].max() <= 48 + 1e-4
     gt = torch.rand(2, 14, 2)
     visible = torch.full((2, 14), 2)
     visible[0, 5] = 0
@@ -204,23 +236,36 @@ def test_pose_outputs_and_loss_skips_unlabeled_joints():
 
 def test_pose_regressor_overfits_a_tiny_batch():
     images, joints, visible = stick_figure_batch()
+    pixels, targets = as_model_input(images), pose_targets(joints, visible, 32)
     torch.manual_seed(0)
-    model = PoseRegressor(width=8, depth=3, hidden=64, loss="l1")
-    first, last = train_steps(lambda: model.loss(model(images), joints, visible)["joints"], model.parameters(),
-                              steps=100)
+    model = PoseRegressor(width=8, depth=3, hidden=64, loss="l1", image_size=32)
+    # The contract's training path is the bare network's loss on the normalised batch.
+    assert model(pixels, targets)["joints"].item() == pytest.approx(
+        model.loss(model.joints(images), joints, visible)["joints"].item(), rel=1e-4)
+    first, last = train_steps(lambda: model(pixels, targets)["joints"], model.parameters(), steps=100)
     assert last < first / 5
 
 
-def test_flip_keypoints_mirrors_x_and_swaps_sides():
+def test_flipping_joints_mirrors_x_and_swaps_sides():
+    """The data sets' flip (transforms v2 on KeyPoints + the LSP left/right swap) on a pose target."""
+    from detseg.data.records import LSP_FLIP
+    from detseg.data.transforms import RandomHorizontalFlipWithJoints, unwrap_target, wrap_target
+
     width = 20
+    flip = RandomHorizontalFlipWithJoints(LSP_FLIP, p=1.0)
+
+    def flipped_of(joints):
+        image = torch.zeros(3, 16, width, dtype=torch.uint8)
+        _, target = flip(image, wrap_target({"keypoints": joints[None]}, (16, width)))
+        return unwrap_target(target, (16, width))["keypoints"][0]
+
     keypoints = torch.stack([torch.arange(14.0), torch.arange(14.0) + 1, torch.full((14,), 2.0)], dim=1)   # (14, 3)
-    flipped = flip_keypoints(keypoints, width)
+    flipped = flipped_of(keypoints)
     r_ankle, l_ankle = LSP_JOINTS.index("r_ankle"), LSP_JOINTS.index("l_ankle")
     neck = LSP_JOINTS.index("neck")
     assert flipped[r_ankle].tolist() == [width - 1 - keypoints[l_ankle, 0].item(), keypoints[l_ankle, 1].item(), 2]
     assert flipped[neck, 0] == width - 1 - keypoints[neck, 0]
-    assert torch.equal(flip_keypoints(flipped, width), keypoints)         # flipping twice is the identity
-    assert np.array_equal(flip_keypoints(keypoints.numpy(), width), flipped.numpy())   # numpy works too
+    assert torch.equal(flipped_of(flipped), keypoints)                    # flipping twice is the identity
     # Agrees with flipping the image: a dot at the left wrist lands where the flipped right wrist says.
     image = torch.zeros(1, 16, width)
     x, y = keypoints[LSP_JOINTS.index("l_wrist"), :2].long().tolist()

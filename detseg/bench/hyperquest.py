@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from ..engine.run import write_json
+from ..hyperquest import require_web_extra
 from ..hyperquest.jobs import epoch_job
 from ..hyperquest.settings import DEFAULT_HPARAMS, DEFAULT_NETWORK
 from ..hyperquest.tasks import cache_path, pool_spec, prepare_dataset
+from ..io import write_json, write_text
 
 AIM_EPOCH_SECONDS = 2.0
 PLAYERS = 20
@@ -250,6 +251,7 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def run(out: Path, quick: bool) -> dict:
+    require_web_extra("httpx")               # the server and the simulated players' HTTP client
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         scratch = Path(scratch)
         timing = epoch_timing(scratch, epochs=3 if quick else 7)
@@ -280,6 +282,6 @@ def run(out: Path, quick: bool) -> dict:
         "", "| request | count | p50 ms | p95 ms | max ms |", "|---|---:|---:|---:|---:|",
         *(f"| {kind} | {row['count']} | {row['p50'] * 1000:.0f} | {row['p95'] * 1000:.0f} | {row['max'] * 1000:.0f} |"
           for kind, row in sorted(lat.items())), ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
     print("\n".join(lines))
     return results

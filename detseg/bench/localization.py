@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .. import api, registry
-from ..engine.run import write_json
+from ..io import write_json
 from ..viz import save_figure, save_report   # importing viz selects matplotlib's file-only Agg backend
 
 import matplotlib.pyplot as plt  # noqa: E402,I001

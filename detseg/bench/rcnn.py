@@ -33,9 +33,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .. import api, registry  # noqa: E402
+from ..tasks.base import predict_arrays  # noqa: E402
 from ..data.export import write_scenes  # noqa: E402
 from ..data.images import load_rgb  # noqa: E402
-from ..engine.run import write_json  # noqa: E402
+from ..io import write_json  # noqa: E402
 from ..viz import save_figure, save_report  # noqa: E402
 
 # (method, det/ model name), in the lecture's order; R-CNN is the unit of every ratio.
@@ -115,14 +116,6 @@ def training_overrides(model_name: str, settings: dict) -> dict:
     return {key: value for key, value in common.items() if key in known}
 
 
-def fresh_proposals(model: torch.nn.Module, config: dict) -> None:
-    """Make a Selective Search model compute its proposals at test time instead of reading the disk cache."""
-    from ..models.detection.generalized import GivenProposals
-    from ..models.detection.proposers import SelectiveSearch
-    if isinstance(getattr(model, "proposer", None), GivenProposals) and "ss_mode" in config:
-        model.proposer.compute = SelectiveSearch(config["ss_mode"], config["proposals_per_image"], cache_dir=None)
-
-
 @torch.no_grad()
 def time_test_stages(model: torch.nn.Module, images: list) -> dict[str, float]:
     """Milliseconds per image at batch 1, total and per stage (RegionDetector.time_stages), and the number of
@@ -166,12 +159,12 @@ def run_detector(method: str, model_name: str, files: dict, settings: dict, out:
     started = time.perf_counter()
     torch.set_num_threads(settings["threads"])         # as in training (api.train set it; said again for clarity)
     model, payload = api.load(run_dir / "best.pt")
-    fresh_proposals(model, payload["config"])
     timing_count = min(settings["timing_images"], settings["timing_limit"].get(method, settings["timing_images"]))
-    timing = time_test_stages(model, load_images(files["val"], timing_count))
-    task = registry.get(model_name).task
+    with model.without_caches():                       # Selective Search computed fresh, as for a new image
+        timing = time_test_stages(model, load_images(files["val"], timing_count))
+    task = registry.get(model_name).make_task(dict(payload["config"]))
     images = load_images(files["val"], settings["picture_images"])
-    predictions = task.predict(model, images, payload["info"], torch.device("cpu"))
+    predictions = predict_arrays(model, task, images, payload["info"], torch.device("cpu"))
     pictures = [task.draw(image, best_detections(prediction), payload["info"], min_score=0.0)
                 for image, prediction in zip(images, predictions)]
     extras = {"val_images": _image_count(val_json), "timing_images": timing_count, "epochs": metrics["epochs"],

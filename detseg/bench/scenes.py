@@ -17,7 +17,7 @@ import torch
 
 from ..data.dataset import InstanceDataset
 from ..data.scenes import ScenesSource, area_thresholds, render_single_object_images
-from ..engine.run import write_json
+from ..io import write_json, write_text
 from ..viz import draw_annotations, grid, save_png
 
 AIM_IMAGES_PER_SECOND = 200
@@ -83,6 +83,6 @@ def run(out: Path, quick: bool) -> dict:
               + ", ".join(f"{k} {v:.0%}" for k, v in stats["size_share"].items()) + "; categories "
               + ", ".join(f"{k} {v:.0%}" for k, v in stats["category_share"].items()) + ".", "",
               "![annotated examples](examples.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
     print("\n".join(lines))
     return results

@@ -50,14 +50,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import api, registry
 from ..config import resolve
 from ..data.scenes import CLASS_NAMES, ScenesSource
-from ..engine.run import write_json
-from ..tasks.base import unwrap
-from ..tasks.dense import materialize, normalize
+from ..io import write_json
+from ..models.base import ImageTransform
+from ..tasks.base import predict_arrays
+from ..tasks.dense import materialize
 from ..viz import grid, save_figure, save_png, save_report   # importing viz selects matplotlib's Agg backend
 
 import matplotlib.pyplot as plt  # noqa: E402,I001
 
 IMAGE_SIZE = 128
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare network of a segmentation model (what FLOPs, memory and the checkerboard are measured on)."""
+    return getattr(model, "network", model)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> the normalised batch a segmentation network sees (the models' preprocessing stage)."""
+    return ImageTransform(images.shape[-1]).batch(images).normalized
 FLAT_COLOURS = ((200, 60, 40), (30, 140, 220), (90, 200, 90), (240, 240, 60))  # RGB of the flat test images
 
 
@@ -176,7 +187,7 @@ def _training_input(model: nn.Module, size: int) -> torch.Tensor:
     inner = unwrap(model)
     image = torch.randn(1, 3, size, size)
     if hasattr(inner, "sample_crops"):
-        crops_per_image = getattr(inner, "run_options", {}).get("crops_per_image", 64)
+        crops_per_image = getattr(model, "crops_per_image", 64)
         crops, _ = inner.sample_crops(image, torch.zeros(1, size, size, dtype=torch.long), crops_per_image)
         return crops
     return image
@@ -191,11 +202,12 @@ def train_memory_bytes(model: nn.Module, size: int = IMAGE_SIZE) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    model.train()
+    network = unwrap(model)                  # the network's own forward: the loss adds nothing worth counting
+    network.train()
     inputs = _training_input(model, size)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(inputs)
-    model.eval()
+        network(inputs)
+    network.eval()
     return sum(storages.values())
 
 
@@ -234,7 +246,7 @@ def _built(variant: Variant, overrides: dict) -> nn.Module:
     entry = registry.get(variant.model)
     config = resolve(entry.all_options(), overrides)
     api.seed_everything(config["seed"])
-    return entry.build(config, entry.task.placeholder_info(config, None))
+    return entry.build(config, entry.make_task(config).placeholder_info(None))
 
 
 def measure_costs(model: nn.Module, timing_images: torch.Tensor, runs: int) -> dict:
@@ -277,13 +289,13 @@ def run_variant(variant: Variant, settings: dict, run_dir: Path, timing_images: 
 # ---- pictures ----------------------------------------------------------------------------------------------------
 def prediction_rows(models: dict[str, nn.Module], images: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
     """One row per model (the ground truth first) of drawn predictions on the same validation images."""
-    task = registry.get("seg/encoder_decoder").task
+    task = registry.get("seg/encoder_decoder").make_task({})
     info = {"num_classes": len(CLASS_NAMES) + 1, "class_names": ["background", *CLASS_NAMES],
             "image_size": images.shape[-1]}
     raw = [image.permute(1, 2, 0).numpy() for image in images]
     pictures = [task.draw(image, {"_labels": labels}, info) for image, labels in zip(raw, semantic.long())]
     for model in models.values():
-        predictions = task.predict(model, raw, info, torch.device("cpu"))
+        predictions = predict_arrays(model, task, raw, info, torch.device("cpu"))
         pictures += [task.draw(image, prediction, info) for image, prediction in zip(raw, predictions)]
     return grid(pictures, columns=len(raw), side=160)
 

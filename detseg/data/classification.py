@@ -64,6 +64,19 @@ class ClassificationData:
     def train_dataset(self) -> TensorDataset:
         return TensorDataset(self.x_train, self.y_train)
 
+    def safe_std(self) -> list[float]:
+        """``raw_std`` with constant features' 0 replaced by 1 (they were left unscaled when normalising)."""
+        return [1.0 if v < 1e-6 else v for v in self.raw_std]
+
+    def raw_inputs(self, split: str) -> torch.Tensor:
+        """The ``train`` / ``val`` inputs in the raw data's units (undoing the normalisation): what a model that
+        standardises its inputs itself (:class:`detseg.models.classification.Classifier`) is fed."""
+        x = self.x_train if split == "train" else self.x_val
+        shape = (1, -1, 1, 1) if self.kind == "image" else (1, -1)
+        mean = torch.tensor(self.raw_mean, dtype=torch.float32).view(shape)
+        std = torch.tensor(self.safe_std(), dtype=torch.float32).view(shape)
+        return x * std + mean
+
     def val_dataset(self) -> TensorDataset:
         return TensorDataset(self.x_val, self.y_val)
 

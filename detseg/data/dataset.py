@@ -21,10 +21,8 @@ from torchvision.transforms import v2
 
 from detseg.data.coco import contiguous_labels, rle_for_json, segmentation_to_rle
 from detseg.data.records import Sample
+from detseg.data.transforms import join_keypoints, split_keypoints
 from detseg.errors import DataError
-
-# tv_tensors.KeyPoints arrived in torchvision 0.23; without it keypoints are passed through transforms untouched.
-_KeyPoints = getattr(tv_tensors, "KeyPoints", None)
 
 
 def label_maps(source) -> tuple[dict[int, int], list[int]]:
@@ -57,7 +55,7 @@ class InstanceDataset(torch.utils.data.Dataset):
     ``target["keypoints"]`` is a ``tv_tensors.KeyPoints`` (N, J, 2) — so geometric transforms move the joints —
     and ``target["keypoint_visibility"]`` (N, J) holds the flags; afterwards they are joined again into (N, J, 3)
     and joints that left the image become invisible (0, 0, 0). Horizontal flips must also swap left and right
-    joints: use :class:`RandomHorizontalFlipWithJoints` instead of ``v2.RandomHorizontalFlip`` for pose data.
+    joints: use :class:`detseg.data.transforms.RandomHorizontalFlipWithJoints` instead of ``v2.RandomHorizontalFlip`` for pose data.
     """
 
     def __init__(self, source, transforms: Callable | None = None):
@@ -129,22 +127,8 @@ class InstanceDataset(torch.utils.data.Dataset):
 
     def _transformed(self, image: tv_tensors.Image, target: dict):
         """Run ``self.transforms`` with keypoints as tv_tensors.KeyPoints so geometric transforms move them."""
-        if _KeyPoints is None:
-            return self.transforms(image, target)
-        joints = target.pop("keypoints")  # (N, J, 3)
-        target["keypoints"] = _KeyPoints(joints[..., :2], canvas_size=tuple(image.shape[-2:]))
-        target["keypoint_visibility"] = joints[..., 2]
-        image, target = self.transforms(image, target)
-
-        height, width = image.shape[-2:]
-        xy = target.pop("keypoints").as_subclass(torch.Tensor)  # (N, J, 2)
-        visibility = target.pop("keypoint_visibility")
-        # One pixel of slack: torchvision flips points as x -> W - 1 - x (pixel centres), boxes as x -> W - x.
-        inside = (xy[..., 0] > -1) & (xy[..., 0] < width) & (xy[..., 1] > -1) & (xy[..., 1] < height)
-        visibility = torch.where(inside, visibility, torch.zeros_like(visibility))
-        xy = xy * (visibility > 0).unsqueeze(-1)
-        target["keypoints"] = torch.cat([xy, visibility.unsqueeze(-1)], dim=-1).float()
-        return image, target
+        image, target = self.transforms(image, split_keypoints(target, tuple(image.shape[-2:])))
+        return image, join_keypoints(target, tuple(image.shape[-2:]))
 
 
 def instance_masks(sample: Sample) -> np.ndarray:
@@ -172,32 +156,6 @@ def instance_masks(sample: Sample) -> np.ndarray:
             x1, y1 = int(np.ceil(x + w)), int(np.ceil(y + h))
             masks[row, max(y0, 0):y1, max(x0, 0):x1] = 1
     return masks
-
-
-class RandomHorizontalFlipWithJoints(v2.Transform):
-    """``v2.RandomHorizontalFlip`` that also swaps left/right joints, for targets made by InstanceDataset.
-
-    Mirroring a person turns their right wrist into the left wrist of the mirrored person, so after flipping the
-    coordinates joint ``i`` must be renamed ``flip_index[i]`` (see :func:`keypoint_flip_index`).
-    """
-
-    def __init__(self, flip_index: Sequence[int], p: float = 0.5):
-        super().__init__()
-        self.flip_index, self.p = torch.as_tensor(list(flip_index), dtype=torch.long), p
-        self._flip = v2.RandomHorizontalFlip(p=1.0)
-
-    def forward(self, *inputs):
-        if torch.rand(()) >= self.p:
-            return inputs if len(inputs) > 1 else inputs[0]
-        flipped = self._flip(*inputs)
-        for item in flipped if isinstance(flipped, tuple) else (flipped,):
-            if isinstance(item, dict) and "keypoint_visibility" in item:
-                joints = item["keypoints"]  # (N, J, 2)
-                if joints.shape[1] != len(self.flip_index):
-                    raise ValueError(f"flip_index has {len(self.flip_index)} joints, targets have {joints.shape[1]}")
-                item["keypoints"] = tv_tensors.wrap(joints[:, self.flip_index], like=joints)
-                item["keypoint_visibility"] = item["keypoint_visibility"][:, self.flip_index]
-        return flipped
 
 
 def keypoint_flip_index(names: Sequence[str]) -> list[int]:

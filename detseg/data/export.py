@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from detseg.data.records import Sample, Source
+from detseg.io import write_text
 from detseg.data.scenes import ScenesSource, area_thresholds, render_single_object_images  # noqa: F401
 
 # render_single_object_images lives with the generator; it is re-exported here beside the other ways to get data.
@@ -132,13 +132,6 @@ def _with_rle(sample: Sample) -> list[dict]:
 
 
 def _atomic_write_json(path: Path, document: dict) -> None:
-    """Write to a temporary file beside ``path`` then rename: readers never see a half-written json."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(document, stream)
-        os.chmod(temporary, 0o644)                  # mkstemp makes it private; a data set is for reading
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Compact json, written atomically (readers never see half of it) and readable by everyone: a data set is
+    for reading."""
+    write_text(path, json.dumps(document), mode=0o644)

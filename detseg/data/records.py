@@ -12,7 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
-# The 14 joints of the LSP convention, in LSP order (DESIGN §2).
+# The 14 joints of the Leeds Sports Pose (LSP) convention, in LSP's own order: right leg ankle to hip, left leg hip
+# to ankle, right arm wrist to shoulder, left arm shoulder to wrist, then neck and head top.
 LSP_JOINTS = (
     "r_ankle", "r_knee", "r_hip", "l_hip", "l_knee", "l_ankle",
     "r_wrist", "r_elbow", "r_shoulder", "l_shoulder", "l_elbow", "l_wrist",

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..config import atomic_write_bytes
 from ..errors import ConfigError
+from ..io import atomic_write_bytes
 
-FORMAT = "detseg-checkpoint-v1"
+FORMAT = "detseg-checkpoint-v2"   # v2: models own their preprocessing (the model contract)
 
 
 def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""A training run on disk: the loop of ``detseg train`` and the files of DESIGN §2.
+"""A training run on disk: the loop of ``detseg train`` and the files it writes into the run directory:
 
 RUN_DIR/config.yaml, last.pt, best.pt, history.csv, curves.png, val_predictions.png, metrics.json (and what a task
 adds, e.g. predictions.json for detectors). Only process 0 writes; every write is atomic.
@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from ..config import atomic_write_bytes
+from ..io import atomic_write_bytes, write_json
 from ..viz import grid, plot_curves, save_png
+from ..tasks.base import predict_arrays
 from .checkpoint import load_checkpoint
 from .trainer import Trainer
-
-
-def write_json(path: Path | str, data) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=True) + "\n").encode())
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -71,14 +67,20 @@ def fit(trainer: Trainer, run_dir: Path, verbose: bool = True) -> None:
 
 
 def finish(trainer: Trainer, run_dir: Path, build_model, params: int, verbose: bool = True) -> dict:
-    """Evaluate best.pt (or the current weights when no epoch was evaluated) and write the final files."""
+    """Evaluate best.pt (or the current weights when no epoch was evaluated) and write the final files.
+
+    This evaluation runs without the models' result caches (Selective Search's disk cache), so that
+    ``infer_ms_per_image`` counts all the work a new image costs.
+    """
     task, bundle = trainer.task, trainer.bundle
     model = trainer.model
     best = run_dir / "best.pt"
     if best.is_file():
         model = build_model().to(trainer.device)
         model.load_state_dict(load_checkpoint(best)["model"])
-    metrics = trainer.evaluate(model)
+    scorer = task.scorer(bundle)
+    with model.without_caches():
+        metrics = trainer.evaluate(model, scorer)
     metrics.update({
         "epochs": trainer.epoch,
         "best_epoch": trainer.best_epoch,
@@ -87,10 +89,10 @@ def finish(trainer: Trainer, run_dir: Path, build_model, params: int, verbose: b
         "params": params,
     })
     write_json(run_dir / "metrics.json", metrics)
-    task.write_outputs(model, bundle, run_dir, trainer.device)
+    task.write_outputs(scorer, run_dir)
     images = task.validation_images(bundle, 8)
     if images:
-        predictions = task.predict(model, images, bundle.info, trainer.device)
+        predictions = predict_arrays(model, task, images, bundle.info, trainer.device)
         pictures = [task.draw(image, prediction, bundle.info) for image, prediction in zip(images, predictions)]
         save_png(run_dir / "val_predictions.png", grid(pictures))
     _log(f"metrics of {'best.pt' if best.is_file() else 'the final weights'}: "

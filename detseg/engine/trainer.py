@@ -4,10 +4,16 @@ One object owns a model, its optimiser and the training state, and exposes train
 interleave with anything else: ``run_epoch()``, ``evaluate()``, ``set_hparams()`` between epochs, ``snapshot()`` /
 ``revert()`` in memory, ``save()`` / ``load()`` on disk. ``fit()`` strings them together for ``detseg train``.
 
+The engine calls the model and nothing else: ``model(images, targets)`` in training mode returns the named losses
+(the model computes them; see :mod:`detseg.models`), and evaluation runs ``model(images)`` in eval mode once per
+validation batch and hands the outputs to the task's scorer.
+
 Exact resume is a design goal, not an accident. Everything random in training is derived from state we save:
-the shuffling order of epoch ``e`` comes from its own generator seeded by (seed, e), and dropout / augmentation
-draw from the global torch RNG, whose state goes into every checkpoint. A run killed mid-epoch therefore restarts
-from the last checkpoint, skips the batches it had already seen and continues on the same trajectory.
+the shuffling order of epoch ``e`` comes from its own generator seeded by (seed, e), augmentation from generators
+seeded by (seed, epoch, example), and dropout / sampling inside models from the global torch RNG, whose state goes
+into every checkpoint. Evaluation runs on a forked RNG, so it never shifts what training draws next. A run killed
+mid-epoch therefore restarts from the last checkpoint, skips the batches it had already seen and continues on the
+same trajectory.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..tasks.base import DataBundle, Task
+from ..tasks.base import DataBundle, Scorer, Task, to_device
 from .checkpoint import save_checkpoint
 
 HPARAMS = ("lr", "weight_decay", "momentum", "batch_size", "grad_clip", "optimizer")
@@ -174,6 +180,8 @@ class Trainer:
         config = self.config
         sampler = EpochSampler(len(self.bundle.train), config["seed"], self.epoch, shuffle=True, rank=self.rank,
                                world=self.world, skip=self.step_in_epoch * config["batch_size"])
+        if hasattr(self.bundle.train, "set_epoch"):
+            self.bundle.train.set_epoch(self.epoch)      # augmentation draws from (seed, epoch, index)
         loader = self._loader(self.bundle.train, sampler, config["batch_size"])
         self.task.on_epoch_start(self.model, self.epoch)
         self.model.train()
@@ -185,14 +193,15 @@ class Trainer:
             lr = self.current_lr()
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            losses = self.task.losses(self.ddp_model, batch, self.device)
+            images, targets = to_device(*batch, self.device)
+            losses = self.ddp_model(images, targets)
             total = sum(losses.values())
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             if config["grad_clip"] > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), config["grad_clip"])
             self.optimizer.step()
-            count = self.task.batch_size_of(batch)
+            count = len(images)
             now = time.perf_counter()
             self.train_seconds += now - tick
             tick = now
@@ -220,19 +229,49 @@ class Trainer:
         self.epoch_sums, self.epoch_images = {}, 0
         return stats
 
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Validation metrics of ``model`` (default: the one being trained), timed per image."""
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None, scorer: Scorer | None = None) -> dict[str, Any]:
+        """Validation metrics of ``model`` (default: the one being trained), with ``val_loss`` and
+        ``infer_ms_per_image``.
+
+        Every module is in eval mode throughout. Per batch: one prediction pass, ``model(images)``, whose outputs
+        the task's ``scorer`` scores - ``infer_ms_per_image`` is the time of these passes alone (pre- and
+        post-processing in, scoring out); then, for ``val_loss``, the model's ``training_losses`` on the same batch,
+        still in eval mode (batch norm on its running statistics, nothing updated). A model that has no losses in
+        eval mode (torchvision's detectors) reports a NaN ``val_loss``.
+        """
         model = model or self.model
+        scorer = scorer or self.task.scorer(self.bundle)
         loader = self._loader(self.bundle.val, EpochSampler(len(self.bundle.val), 0, 0, shuffle=False),
                               self.config["batch_size"])
         was_training = model.training
         model.eval()
-        start = time.perf_counter()
-        metrics = self.task.evaluate(model, loader, self.device, self.bundle)
-        seconds = time.perf_counter() - start
+        infer_seconds, loss_sum, loss_images, count = 0.0, 0.0, 0, 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)                      # the same val_loss for the same weights, whatever came before
+            for batch in loader:
+                images, targets = to_device(*batch, self.device)
+                self._synchronize()
+                start = time.perf_counter()
+                outputs = model(images)
+                self._synchronize()
+                infer_seconds += time.perf_counter() - start
+                scorer.update(outputs, targets)
+                losses = getattr(model, "module", model).training_losses(images, targets)
+                if losses:
+                    loss_sum += float(sum(losses.values())) * len(images)
+                    loss_images += len(images)
+                count += len(images)
         model.train(was_training)
-        metrics["infer_ms_per_image"] = 1000.0 * seconds / max(1, len(self.bundle.val))
+        metrics = scorer.compute()
+        metrics["val_loss"] = loss_sum / loss_images if loss_images else math.nan
+        metrics["infer_ms_per_image"] = 1000.0 * infer_seconds / max(1, count)
         return metrics
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def record_epoch(self, train_stats: dict, metrics: dict | None, seconds: float) -> dict:
         """Append one history row (the history.csv contract: epoch, seconds, lr, train_loss, val_loss, metric)."""

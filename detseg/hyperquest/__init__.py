@@ -17,12 +17,38 @@ Modules, in the order a request travels:
 - :mod:`.tasks`     the pool of random data sets and their on-disk cache
 - :mod:`.baselines` majority class, logistic regression, default network, random search
 - :mod:`.db`        SQLAlchemy 2 models (SQLite by default, PostgreSQL too)
+
+The web stack (FastAPI, uvicorn, SQLAlchemy, plotly, itsdangerous, psycopg) is the optional extra
+``detseg[hyperquest]``; :func:`require_web_extra` turns its absence into one clear error.
 """
 from __future__ import annotations
 
+import importlib
+
+from ..errors import ConfigError
 from .settings import Settings
 
-__all__ = ["Settings", "create_app"]
+__all__ = ["Settings", "create_app", "require_web_extra", "INSTALL_HINT"]
+
+# What the server imports; psycopg is left out, it is only needed for a postgresql:// database URL.
+WEB_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "plotly", "itsdangerous")
+INSTALL_HINT = "pip install 'detseg[hyperquest]'"
+
+
+def require_web_extra(*also: str) -> None:
+    """Raise a one-line :class:`ConfigError` naming the install command when the web extra is missing.
+
+    ``also`` names further modules of the extra a caller needs (the load benchmark's HTTP client, httpx).
+    """
+    missing = []
+    for name in (*WEB_MODULES, *also):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(f"HyperQuest needs the optional web extra (missing: {', '.join(missing)}); "
+                          f"install it with: {INSTALL_HINT}")
 
 
 def create_app(settings: Settings):

@@ -34,7 +34,7 @@ def epoch_job(dataset_path: str, source: str | None, target: str, network: dict,
         trainer = restore(source, data, hparams, seed)
     result = train_one_epoch(trainer)
     result["architecture"] = save_state(target, trainer)
-    result["layers"] = describe(trainer.model)
+    result["layers"] = describe(trainer.model.network)
     return result
 
 

@@ -11,6 +11,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io import write_text
+
 # ---- caps on what a player may ask for -------------------------------------------------------------------------
 LR_MAX = 10.0                                  # learning rate: 0 < lr <= 10
 BATCH_SIZE_RANGE = (8, 1024)
@@ -97,7 +99,5 @@ def _stored_secret(data_dir: Path) -> str:
         if len(text) >= 32:
             return text
     secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secret)
+    write_text(path, secret, mode=0o600)
     return secret

@@ -58,7 +58,7 @@ def prepare_dataset(spec: dict, path: str) -> dict:
     """
     import torch
 
-    from ..config import atomic_write_bytes
+    from ..io import atomic_write_bytes
     from ..data.classification import make_classification_data
 
     if Path(path).is_file():

@@ -229,21 +229,20 @@ class Filtered(NamedTuple):
 
 def clip_and_filter(boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple[int, int], min_size: float = 0.0,
                     score_thresh: float = 0.0, nms_thresh: float | None = 0.7, top_k: int | None = None,
-                    labels: torch.Tensor | None = None, pre_nms_top_k: int | None = None) -> Filtered:
+                    labels: torch.Tensor | None = None) -> Filtered:
     """Turn raw scored boxes into proposals / detections: clip, drop tiny and low-scoring ones, NMS, keep the best.
 
     In order: clip to ``image_size`` (H, W); drop boxes with a side ``< min_size`` after clipping; drop scores
-    ``< score_thresh`` (``> 0`` only: a threshold of 0 keeps everything); keep the ``pre_nms_top_k`` best; non-maximum
-    suppression at IoU ``nms_thresh`` (``None`` skips it), per class when ``labels`` are given (boxes of different
-    classes never suppress each other); keep the ``top_k`` best.
+    ``< score_thresh`` (``> 0`` only: a threshold of 0 keeps everything); sort by score; non-maximum suppression at
+    IoU ``nms_thresh`` (``None`` skips it), per class when ``labels`` are given (boxes of different classes never
+    suppress each other); keep the ``top_k`` best. (A cap before NMS, like the RPN's ``rpn_pre_nms``, is the caller's:
+    it selects the scores it passes in.)
     """
     boxes = clip_boxes_to_image(boxes, image_size)
     keep = remove_small_boxes(boxes, min_size) if min_size > 0 else torch.arange(len(boxes), device=boxes.device)
     if score_thresh > 0:
         keep = keep[scores[keep] >= score_thresh]
     keep = keep[scores[keep].argsort(descending=True)]
-    if pre_nms_top_k is not None:
-        keep = keep[:pre_nms_top_k]
     if nms_thresh is not None:
         if labels is None:
             survivors = nms(boxes[keep], scores[keep], nms_thresh)
@@ -253,11 +252,6 @@ def clip_and_filter(boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple
     if top_k is not None:
         keep = keep[:top_k]
     return Filtered(boxes[keep], scores[keep], None if labels is None else labels[keep], keep)
-
-
-def mirror_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
-    """``(N, 4)`` xyxy boxes of an image of ``width`` flipped left-right: ``x -> width - x``, corners swapped."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 # --- sliding windows ----------------------------------------------------------------------------------------------

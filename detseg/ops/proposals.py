@@ -14,9 +14,9 @@ detected by the R-CNN stage behind it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +26,7 @@ import torch
 from torchvision.ops import box_iou
 
 from ..errors import ConfigError, DataError
+from ..io import atomic_write_bytes
 
 SELECTIVE_SEARCH_MODES = ("fast", "quality")
 
@@ -101,8 +102,9 @@ class ProposalCache:
 
     The key is the SHA-1 of the image's pixels, shape and dtype plus the mode and parameters, so the same picture
     under another file name or index still hits, and an edited image or another mode misses. Files are written
-    atomically (temporary file, then ``os.replace``), so parallel data-loader workers and interrupted runs never
-    leave a half-written file behind. ``hits`` and ``misses`` count this process's look-ups.
+    atomically (:func:`detseg.io.atomic_write_bytes`: temporary file, then ``os.replace``), so parallel data-loader
+    workers and interrupted runs never leave a half-written file behind. ``hits`` and ``misses`` count this
+    process's look-ups.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -143,15 +145,11 @@ class ProposalCache:
         self._write_atomically(path, boxes)
         return boxes
 
-    def _write_atomically(self, path: Path, boxes: np.ndarray) -> None:
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=path.stem, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.save(file, boxes)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+    @staticmethod
+    def _write_atomically(path: Path, boxes: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, boxes)
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def _as_boxes(boxes) -> torch.Tensor:

@@ -21,6 +21,21 @@ BACKBONE_OPTIONS = {
 }
 
 
+# torchvision's BackboneWithFPN names its maps "0".."3" (strides 4-32) plus "pool" (stride 64). RoIs are pooled
+# from the four, the RPN slides over all five: one definition, read by every head and the RPN.
+FPN_ROI_LEVELS = ("0", "1", "2", "3")
+FPN_RPN_LEVELS = FPN_ROI_LEVELS + ("pool",)
+
+
+def uses_fpn(config: dict) -> bool:
+    return config.get("backbone", "tiny") != "tiny" and bool(config.get("fpn"))
+
+
+def fpn_levels(config: dict) -> tuple[str, ...] | None:
+    """Names of the pyramid levels RoIs are pooled from, or None without a feature pyramid."""
+    return FPN_ROI_LEVELS if uses_fpn(config) else None
+
+
 def build_detection_backbone(config: dict) -> nn.Module:
     """The backbone named by ``config``; it has ``out_channels`` and, for FPN, returns a dict of maps."""
     if config["backbone"] == "tiny":

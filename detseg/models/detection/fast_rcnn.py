@@ -15,27 +15,11 @@ import torch
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
 
-from ...config import Option
 from ..backbones import conv_bn_relu
-from .backbone import BACKBONE_OPTIONS, build_detection_backbone
-from .generalized import BoxPredictor, Postprocess, RegionDetector, RoISampling
+from .backbone import BACKBONE_OPTIONS, build_detection_backbone, fpn_levels
+from .generalized import BoxPredictor, RegionDetector
+from .heads import ROI_HEAD_OPTIONS, roi_head_settings
 from .proposers import SELECTIVE_SEARCH_OPTIONS, selective_search_proposer
-
-POOLS = ("roi_pool", "roi_align")
-
-ROI_HEAD_OPTIONS = {
-    "pool": Option("roi_align", "how a proposal is cut from the feature map: roi_pool (Fast R-CNN) | roi_align",
-                   choices=POOLS),
-    "pool_size": Option(7, "RoI pooling output grid (pool_size x pool_size cells)", min=1),
-    "roi_channels": Option(64, "1x1 convolution narrowing the shared features before RoI pooling (0 = keep all): "
-                               "per-region cost grows with channels x bins x regions", min=0),
-    "head_hidden": Option(256, "width of the two fully-connected layers of the RoI head", min=8),
-    "rois_per_image": Option(64, "sampled RoIs per training image", min=1),
-    "positive_fraction": Option(0.25, "share of positives among sampled RoIs at most", min=0, max=1),
-    "box_loss_weight": Option(1.0, "weight of the RoI box loss in the multi-task sum", min=0),
-    "score_thresh": Option(0.05, "detections below this class probability are dropped", min=0, max=1),
-    "nms_thresh": Option(0.5, "per-class non-maximum suppression IoU", min=0, max=1),
-}
 
 
 def pool_regions(features, rois: list[torch.Tensor], image_size: tuple[int, int], output_size: int,
@@ -85,24 +69,8 @@ class RoIPoolHead(nn.Module):
         return self.predictor(self.fc(pooled))                                               # (R, K+1), (R, 4(K+1))
 
 
-def feature_channels(backbone: nn.Module) -> int:
-    return backbone.out_channels
-
-
-def fpn_levels(config: dict) -> tuple[str, ...] | None:
-    """Names of the pyramid levels RoIs are pooled from (torchvision's BackboneWithFPN), or None without FPN."""
-    return ("0", "1", "2", "3") if config["backbone"] != "tiny" and config["fpn"] else None
-
-
-def roi_head_settings(config: dict) -> tuple[RoISampling, Postprocess, dict[str, float]]:
-    """The sampling, post-processing and loss weights every RoI head of the family reads from its config."""
-    sampling = RoISampling(batch_per_image=config["rois_per_image"], positive_fraction=config["positive_fraction"])
-    postprocess = Postprocess(score_thresh=config["score_thresh"], nms_thresh=config["nms_thresh"])
-    return sampling, postprocess, {"roi_box": config["box_loss_weight"]}
-
-
 def build_roi_pool_head(config: dict, backbone: nn.Module, num_classes: int) -> RoIPoolHead:
-    return RoIPoolHead(feature_channels(backbone), num_classes, config["pool"], config["pool_size"],
+    return RoIPoolHead(backbone.out_channels, num_classes, config["pool"], config["pool_size"],
                        config["head_hidden"], fpn_levels(config), config["roi_channels"])
 
 
@@ -115,4 +83,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     return RegionDetector(info["num_classes"], selective_search_proposer(config),
                           build_roi_pool_head(config, backbone, info["num_classes"]), backbone,
-                          sampling, postprocess, weights)
+                          sampling, postprocess, weights, image_size=info["image_size"])

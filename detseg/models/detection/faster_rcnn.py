@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from ...config import Option
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone
-from .fast_rcnn import ROI_HEAD_OPTIONS, build_roi_pool_head, roi_head_settings
+from .fast_rcnn import build_roi_pool_head
 from .generalized import RegionDetector
+from .heads import ROI_HEAD_OPTIONS, roi_head_settings
 from .rpn import RPN_OPTIONS, build_rpn
 
 OPTIONS = {**BACKBONE_OPTIONS, **RPN_OPTIONS, **ROI_HEAD_OPTIONS}
@@ -28,4 +29,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     return RegionDetector(info["num_classes"], build_rpn(config, backbone.out_channels),
                           build_roi_pool_head(config, backbone, info["num_classes"]), backbone,
-                          sampling, postprocess, weights)
+                          sampling, postprocess, weights, image_size=info["image_size"])

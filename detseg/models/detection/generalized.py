@@ -20,10 +20,12 @@ det/rfcn               tiny CNN, once        region proposal network      positi
 
 Stage contracts (all boxes ``(x1, y1, x2, y2)`` in input pixels):
 
+* ``transform``: the preprocessing stage every model has (:class:`~detseg.models.base.ImageTransform`): images
+  of any size -> a normalised ``image_size`` square batch; detections are mapped back to each image's pixels.
 * ``backbone(normalised images (N, 3, H, W)) -> features`` (a tensor, or an ordered dict of maps for FPN).
-* ``proposer(images, features, image_size, targets, given) -> (list of (P_i, 4) proposals, dict of losses)``.
-  ``images`` are the raw 0-255 pixels (Selective Search works on those), ``given`` is a list of precomputed
-  proposals or ``None``. A learned proposer (the RPN) returns its own losses while training.
+* ``proposer(pixels, features, image_size, targets) -> (list of (P_i, 4) proposals, dict of losses)``.
+  ``pixels`` are the resized 0-255 images (Selective Search works on those); ``targets`` (training) may carry
+  precomputed ``proposals`` per image. A learned proposer (the RPN) returns its own losses when given targets.
 * ``roi_head(features_or_images, rois: list of (R_i, 4), image_size) -> (logits (R, K+1), deltas (R, 4 (K+1)))``,
   rows in image order. Heads without a backbone receive the normalised images themselves.
 
@@ -42,7 +44,7 @@ from torch import nn
 
 from ...ops.boxes import Matcher, assign_targets, clip_and_filter, decode_box_deltas, encode_box_deltas, \
     sample_balanced
-from ...tasks.dense import normalize
+from ..base import DetsegModel, Images, ImageTransform
 
 # Fast R-CNN's scaling of the four delta targets: centre shifts are small numbers, so they are blown up 10x (and
 # log-size ratios 5x) to give the regression loss comparable magnitudes on all four.
@@ -107,13 +109,14 @@ def fast_rcnn_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Ten
     return {"roi_class": classification, "roi_box": box}
 
 
-class RegionDetector(nn.Module):
-    """Backbone (optional) + proposer + RoI head, trained with the Fast R-CNN multi-task loss.
+class RegionDetector(DetsegModel):
+    """Preprocessing + backbone (optional) + proposer + RoI head, trained with the Fast R-CNN multi-task loss.
 
-    ``forward(images, targets=None, proposals=None)``: ``images`` (N, 3, H, W) 0-255 pixels; ``targets`` a list of
-    dicts with ``boxes`` (G, 4), ``labels`` (G,) in 1..K and optionally ``iscrowd`` (G,); ``proposals`` an optional
-    list of precomputed boxes per image (Selective Search from the data set's cache). With targets it returns the
-    named losses, without them a list of ``{"boxes" (D, 4), "scores" (D,), "labels" (D,)}`` per image.
+    The model contract (:mod:`detseg.models`): ``images`` a list of (3, H_i, W_i) uint8 / [0, 1] float images or an
+    (N, 3, H, W) batch. Training mode: ``model(images, targets)`` with ``targets`` a list of dicts with ``boxes``
+    (G, 4) XYXY pixels, ``labels`` (G,) in 1..K, optionally ``iscrowd`` (G,) and ``proposals`` (P, 4) precomputed
+    boxes (Selective Search from the data set's cache) -> the named losses. Eval mode: ``model(images)`` -> per image
+    ``{"boxes" (D, 4), "scores" (D,), "labels" (D,)}`` in that image's pixels.
 
     ``time_stages = True`` makes every call add its seconds to ``stage_seconds`` under ``shared_conv``, ``proposals``
     and ``per_region``: the split of the lecture's speed table.
@@ -121,9 +124,10 @@ class RegionDetector(nn.Module):
 
     def __init__(self, num_classes: int, proposer: nn.Module, roi_head: nn.Module, backbone: nn.Module | None = None,
                  sampling: RoISampling | None = None, postprocess: Postprocess | None = None,
-                 loss_weights: dict[str, float] | None = None):
+                 loss_weights: dict[str, float] | None = None, image_size: int = 128):
         super().__init__()
         self.num_classes = num_classes        # K + 1, background included
+        self.transform = ImageTransform(image_size)
         self.backbone, self.proposer, self.roi_head = backbone, proposer, roi_head
         self.sampling = sampling or RoISampling()
         self.postprocess = postprocess or Postprocess()
@@ -141,23 +145,44 @@ class RegionDetector(nn.Module):
         yield
         self.stage_seconds[name] += time.perf_counter() - start
 
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None,
-                proposals: list[torch.Tensor] | None = None):
-        image_size = tuple(images.shape[-2:])
-        pixels = normalize(images)                   # the dense tasks' fixed statistics
+    @contextmanager
+    def without_caches(self):
+        compute = getattr(self.proposer, "compute", None)
+        if not hasattr(compute, "without_cache"):
+            yield
+            return
+        with compute.without_cache():
+            yield
+
+    def _propose(self, images: Images, targets: list[dict] | None):
+        """The stages every call shares: preprocess, shared features, proposals."""
+        batch = self.transform.batch(images)
+        if targets is not None:
+            targets = self.transform.targets_to_input(targets, batch)
+        image_size = batch.input_size
         with self._stage("shared_conv"):
-            features = self.backbone(pixels) if self.backbone is not None else pixels
+            features = self.backbone(batch.normalized) if self.backbone is not None else batch.normalized
             head_input = self.roi_head.per_image(features) if hasattr(self.roi_head, "per_image") else features
         with self._stage("proposals"):
-            proposals, proposal_losses = self.proposer(images, features, image_size, targets, proposals)
-        if targets is not None:
-            rois, labels, delta_targets = self.sample_rois(proposals, targets)
-            logits, deltas = self.roi_head(head_input, rois, image_size)
-            losses = {**proposal_losses, **fast_rcnn_loss(logits, deltas, labels, delta_targets)}
-            return {name: value * self.loss_weights.get(name, 1.0) for name, value in losses.items()}
+            proposals, proposal_losses = self.proposer(batch.pixels * 255.0, features, image_size, targets)
+        return batch, targets, head_input, proposals, proposal_losses
+
+    def training_losses(self, images: Images, targets: list[dict]) -> dict[str, torch.Tensor]:
+        batch, targets, head_input, proposals, proposal_losses = self._propose(images, targets)
+        rois, labels, delta_targets = self.sample_rois(proposals, targets)
+        logits, deltas = self.roi_head(head_input, rois, batch.input_size)
+        losses = {**proposal_losses, **fast_rcnn_loss(logits, deltas, labels, delta_targets)}
+        return {name: value * self.loss_weights.get(name, 1.0) for name, value in losses.items()}
+
+    def inference(self, images: Images) -> list[dict]:
+        batch, _, head_input, proposals, _ = self._propose(images, None)
         with self._stage("per_region"):
-            logits, deltas = self.roi_head(head_input, proposals, image_size)
-            return self.detections(logits, deltas, proposals, image_size)
+            logits, deltas = self.roi_head(head_input, proposals, batch.input_size)
+            detections = self.detections(logits, deltas, proposals, batch.input_size)
+        for index, found in enumerate(detections):
+            if batch.resized(index):
+                found["boxes"] = self.transform.boxes_to_original(found["boxes"], batch.original_sizes[index])
+        return detections
 
     @torch.no_grad()
     def sample_rois(self, proposals: list[torch.Tensor], targets: list[dict]):
@@ -203,17 +228,19 @@ class RegionDetector(nn.Module):
 
 
 class GivenProposals(nn.Module):
-    """A proposer for boxes computed outside the network (Selective Search): use the given ones, else compute.
+    """A proposer for boxes computed outside the network (Selective Search): the targets' ``proposals``, else compute.
 
-    ``compute(images) -> list of (P_i, 4)`` runs when a batch arrives without proposals (new images at prediction
-    time); data sets precompute and cache them, so training epochs never pay for them again.
+    ``compute(pixels) -> list of (P_i, 4)`` runs on every batch without precomputed proposals - every prediction;
+    training data sets precompute and cache them, so training epochs never pay for them again.
     """
 
     def __init__(self, compute, max_proposals: int | None = None):
         super().__init__()
         self.compute, self.max_proposals = compute, max_proposals
 
-    def forward(self, images, features, image_size, targets, given):
+    def forward(self, images, features, image_size, targets):
+        given = [target["proposals"] for target in targets] \
+            if targets is not None and all("proposals" in target for target in targets) else None
         if given is None:
             given = self.compute(images)
         device = images.device

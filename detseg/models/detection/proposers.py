@@ -7,6 +7,7 @@ so data sets compute it once per image and cache it (:class:`detseg.ops.proposal
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,15 @@ class SelectiveSearch:
     def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
         return [self.one(pixels_to_rgb(image)) for image in images]
 
+    @contextmanager
+    def without_cache(self):
+        """Compute every image afresh inside the block (the cache is neither read nor written)."""
+        cache, self.cache = self.cache, None
+        try:
+            yield
+        finally:
+            self.cache = cache
+
 
 def selective_search_proposer(config: dict) -> GivenProposals:
     """The proposer of R-CNN, SPP-net and Fast R-CNN from a run config (``ss_mode``, ``proposals_per_image``)."""
@@ -83,6 +93,6 @@ class SlidingWindowProposer(nn.Module):
                                                  self.stride_frac).to(device)
         return self._windows[key]
 
-    def forward(self, images, features, image_size, targets, given):
+    def forward(self, images, features, image_size, targets):
         windows = self.windows(image_size, images.device)
         return [windows] * len(images), {}

@@ -28,15 +28,11 @@ from torchvision.ops import ps_roi_align, ps_roi_pool
 
 from ...config import Option
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone
-from .fast_rcnn import ROI_HEAD_OPTIONS, roi_head_settings
 from .generalized import RegionDetector
+from .heads import ROI_HEAD_OPTIONS, SHARED_ROI_HEAD_KEYS, roi_head_settings
 from .rpn import RPN_OPTIONS, build_rpn
 
 PS_POOLS = ("ps_roi_align", "ps_roi_pool")
-
-# The RoI-head knobs R-FCN shares with Fast/Faster R-CNN; the others (pool, pool_size, head_hidden) describe the
-# fully-connected head R-FCN does not have.
-SHARED_ROI_HEAD_KEYS = ("rois_per_image", "positive_fraction", "box_loss_weight", "score_thresh", "nms_thresh")
 
 RFCN_HEAD_OPTIONS = {
     "k": Option(3, "position-sensitive grid: each RoI is split into k x k bins, each pooled from its own score maps "
@@ -138,4 +134,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     head = build_position_sensitive_head(config, backbone.out_channels, info["num_classes"])
     return RegionDetector(info["num_classes"], build_rpn(config, backbone.out_channels), head, backbone,
-                          sampling, postprocess, weights)
+                          sampling, postprocess, weights, image_size=info["image_size"])

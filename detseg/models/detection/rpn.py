@@ -21,6 +21,7 @@ from ...config import Option, number_list
 from ...ops.anchors import AnchorGenerator, flatten_head_output
 from ...ops.boxes import Matcher, assign_targets, clip_and_filter, decode_box_deltas, encode_box_deltas, \
     sample_balanced
+from .backbone import FPN_RPN_LEVELS, uses_fpn
 
 RPN_OPTIONS = {
     "anchor_scales": Option("8,16,32,64", "anchor sizes in pixels (sqrt of area); with FPN one per level, "
@@ -73,7 +74,7 @@ class RegionProposalNetwork(nn.Module):
         self.post_nms_train, self.post_nms_test = post_nms_train, post_nms_test
         self.nms_thresh, self.min_size, self.loss_weight, self.levels = nms_thresh, min_size, loss_weight, levels
 
-    def forward(self, images, features, image_size, targets, given):
+    def forward(self, images, features, image_size, targets):
         maps = [features[name] for name in self.levels] if self.levels else [features]
         anchors = torch.cat(self.anchors(maps, image_size))                                  # (A_total, 4)
         scores, deltas = self.head(maps)                                                     # (N, A_total, 1|4)
@@ -128,8 +129,8 @@ def build_rpn(config: dict, in_channels: int) -> RegionProposalNetwork:
     scales = number_list("anchor_scales", config["anchor_scales"])
     ratios = number_list("anchor_ratios", config["anchor_ratios"])
     levels = None
-    if config.get("backbone", "tiny") != "tiny" and config.get("fpn"):
-        levels = ("0", "1", "2", "3", "pool")
+    if uses_fpn(config):
+        levels = FPN_RPN_LEVELS
         anchors = AnchorGenerator(fpn_anchor_levels(scales, len(levels)), ratios)
     else:
         anchors = AnchorGenerator(scales, ratios)

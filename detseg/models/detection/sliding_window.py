@@ -18,10 +18,9 @@ many overlapping windows that fire on one object.
 from __future__ import annotations
 
 from ...config import Option, number_list
-from .fast_rcnn import roi_head_settings
 from .generalized import RegionDetector
+from .heads import ROI_SETTINGS_OPTIONS, WARPED_CROP_OPTIONS, build_warped_crop_head, roi_head_settings
 from .proposers import SlidingWindowProposer
-from .rcnn import ROI_SETTINGS_OPTIONS, WARPED_CROP_OPTIONS, build_warped_crop_head
 
 SLIDING_WINDOW_OPTIONS = {
     "window_scales": Option("12,18,27,40,60,90", "window sizes in pixels (square root of the area)"),
@@ -47,4 +46,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     return RegionDetector(info["num_classes"], build_window_proposer(config),
                           build_warped_crop_head(config, info["num_classes"]), None,
-                          sampling, postprocess, weights)
+                          sampling, postprocess, weights, image_size=info["image_size"])

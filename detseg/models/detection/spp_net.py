@@ -22,10 +22,9 @@ from ...config import Option, number_list
 from ...errors import ConfigError
 from ..backbones import conv_bn_relu
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone
-from .fast_rcnn import ROI_HEAD_OPTIONS, roi_head_settings
 from .generalized import BoxPredictor, RegionDetector
+from .heads import ROI_HEAD_OPTIONS, fully_connected_trunk, roi_head_settings
 from .proposers import SELECTIVE_SEARCH_OPTIONS, selective_search_proposer
-from .rcnn import fully_connected_trunk
 
 SPP_OPTIONS = {
     "pyramid": Option("1,2,4", "spatial pyramid: each level k max-pools a proposal's window into k x k cells"),
@@ -98,4 +97,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     head = SpatialPyramidHead(backbone.out_channels, info["num_classes"], levels, config["head_hidden"],
                               config["roi_channels"])
     return RegionDetector(info["num_classes"], selective_search_proposer(config), head, backbone,
-                          sampling, postprocess, weights)
+                          sampling, postprocess, weights, image_size=info["image_size"])

@@ -8,10 +8,11 @@ the same anchors (sizes and aspect ratios, one feature map). Everything else - t
 512 sampled RoIs per image, the 1024-wide two-layer box head, the loss normalisations - is torchvision's default,
 as a user would get it.
 
-The wrapper only adapts the calling conventions: our detectors take an ``(N, 3, H, W)`` batch of 0-255 pixels and
-return losses whenever targets are given; torchvision takes a list of ``[0, 1]`` float images and computes losses in
-train mode only. In eval mode with targets the wrapper returns ``{}``, which the detection task reports as a NaN
-validation loss.
+The wrapper only adapts the calling conventions: our detectors take uint8 or [0, 1] float images and read crowd
+flags and precomputed proposals from the targets; torchvision takes [0, 1] float images, knows no crowd regions and
+computes losses in train mode only, so :meth:`TorchvisionFasterRCNN.training_losses` in eval mode returns ``{}``
+(the engine then reports a NaN validation loss). torchvision's own ``GeneralizedRCNNTransform`` is this model's
+preprocessing stage.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from ...config import number_list
-from ...tasks.dense import MEAN, STD
-from .backbone import BACKBONE_OPTIONS, build_detection_backbone
-from .fast_rcnn import fpn_levels
+from ..base import SCENES_MEAN, SCENES_STD, DetsegModel, as_float_image
+from .backbone import BACKBONE_OPTIONS, FPN_RPN_LEVELS, build_detection_backbone, fpn_levels
 from .faster_rcnn import TRAINING as FASTER_RCNN_TRAINING
 from .rpn import RPN_OPTIONS, fpn_anchor_levels
 
@@ -43,16 +43,16 @@ def _anchor_generator(config: dict) -> AnchorGenerator:
     if levels is None:
         return AnchorGenerator((scales,), (ratios,))
     # torchvision's BackboneWithFPN returns the four levels plus a pooled one ("pool"): five maps, one size each.
-    sizes = fpn_anchor_levels(scales, len(levels) + 1)
+    sizes = fpn_anchor_levels(scales, len(FPN_RPN_LEVELS))
     return AnchorGenerator(tuple(sizes), (ratios,) * len(sizes))
 
 
-class TorchvisionFasterRCNN(nn.Module):
-    """``torchvision.models.detection.FasterRCNN`` behind the calling conventions of this package's detectors.
+class TorchvisionFasterRCNN(DetsegModel):
+    """``torchvision.models.detection.FasterRCNN`` behind the model contract of this package's detectors.
 
-    ``forward(images, targets=None, proposals=None)``: ``images`` (N, 3, H, W) 0-255 pixels (uint8 or float);
-    ``proposals`` is accepted and ignored (the RPN makes its own). Train mode with targets: torchvision's four named
-    losses. Eval mode with targets: ``{}``. Without targets: a list of ``{"boxes", "scores", "labels"}`` per image.
+    Training mode: ``model(images, targets)`` -> torchvision's four named losses (``proposals`` in the targets are
+    ignored: the RPN makes its own). Eval mode: ``model(images)`` -> per image ``{"boxes", "scores", "labels"}`` in
+    that image's pixels.
     """
 
     def __init__(self, detector: FasterRCNN):
@@ -73,14 +73,13 @@ class TorchvisionFasterRCNN(nn.Module):
             converted.append({"boxes": boxes[keep], "labels": target["labels"][keep]})
         return converted
 
-    def forward(self, images: torch.Tensor, targets: list[dict] | None = None,
-                proposals: list[torch.Tensor] | None = None):
-        pictures = list(images.float().div(255.0).unbind(0))          # (N, 3, H, W) -> N x (3, H, W) in [0, 1]
-        if targets is not None:
-            if not self.training:
-                return {}                                              # torchvision computes losses in train mode only
-            return self.detector(pictures, self._torchvision_targets(targets))
-        return self.detector(pictures)
+    def training_losses(self, images, targets: list[dict]) -> dict:
+        if not self.training:
+            return {}                                                  # torchvision computes losses in train mode only
+        return self.detector([as_float_image(image) for image in images], self._torchvision_targets(targets))
+
+    def inference(self, images) -> list[dict]:
+        return self.detector([as_float_image(image) for image in images])
 
 
 def build(config: dict, info: dict) -> TorchvisionFasterRCNN:
@@ -90,7 +89,7 @@ def build(config: dict, info: dict) -> TorchvisionFasterRCNN:
     side = info["image_size"]
     detector = FasterRCNN(
         backbone, num_classes=info["num_classes"], min_size=side, max_size=side,
-        image_mean=list(MEAN), image_std=list(STD),
+        image_mean=list(SCENES_MEAN), image_std=list(SCENES_STD),
         rpn_anchor_generator=_anchor_generator(config),
         box_roi_pool=MultiScaleRoIAlign(list(levels or ["0"]), output_size=7, sampling_ratio=2),
     )

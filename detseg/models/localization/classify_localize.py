@@ -28,6 +28,7 @@ from ...errors import ConfigError
 from ...losses import REGRESSION_KINDS, box_regression_loss
 from .. import build_with_options, check_knobs, defaults_of
 from ..backbones import FEATURE_OPTIONS, FeatureVector
+from ..base import DetsegModel, Images, ImageTransform, stack_targets
 
 BOX_HEADS = ("agnostic", "per_class")
 
@@ -43,16 +44,24 @@ OPTIONS: dict[str, Option] = {
 DEFAULTS = defaults_of(OPTIONS)
 
 
-class ClassifyLocalize(nn.Module):
-    """Images (N, 3, H, W) -> ``{"logits": (N, K), "boxes": (N, 4) or (N, K, 4)}``, boxes normalised cx, cy, w, h.
+class ClassifyLocalize(DetsegModel):
+    """One object per image: its class and its box.
+
+    Training mode: ``model(images, targets)`` with ``targets[i] = {"labels": (1,) class index in [0, K),
+    "boxes": (1, 4) xyxy pixels}`` -> ``{"cls", "box"}`` (the box loss already times ``box_weight``). Eval mode:
+    ``model(images)`` -> per image ``{"labels": (1,), "scores": (1,) softmax probability, "boxes": (1, 4) xyxy}`` in
+    that image's pixels. :meth:`outputs` is the bare network: normalised (N, 3, S, S) -> ``{"logits": (N, K),
+    "boxes": (N, 4) or (N, K, 4)}``, boxes normalised cx, cy, w, h.
 
     ``num_classes`` K counts object classes only (7 for the scenes): every image holds exactly one object.
     """
 
     def __init__(self, num_classes: int = 7, backbone: str = "tiny", width: int = 16, depth: int = 4,
                  stem_stride: int = 2, grid: int = 4, hidden: int = 256, box_head: str = "agnostic",
-                 box_loss: str = "smooth_l1", box_weight: float = 5.0, beta: float = 0.05, freeze_epochs: int = 0):
+                 box_loss: str = "smooth_l1", box_weight: float = 5.0, beta: float = 0.05, freeze_epochs: int = 0,
+                 image_size: int = 128):
         super().__init__()
+        self.transform = ImageTransform(image_size)
         knobs = check_knobs(OPTIONS, backbone=backbone, width=width, depth=depth, stem_stride=stem_stride,
                             grid=grid, hidden=hidden, box_head=box_head, box_loss=box_loss, box_weight=box_weight,
                             beta=beta, freeze_epochs=freeze_epochs)
@@ -72,20 +81,37 @@ class ClassifyLocalize(nn.Module):
         self.box_head = nn.Linear(self.features.out_features, 4 * (num_classes if self.per_class_boxes else 1))
 
     @classmethod
-    def build(cls, num_classes: int, **knobs) -> "ClassifyLocalize":
-        return build_with_options(cls, OPTIONS, num_classes, knobs)
+    def build(cls, num_classes: int, image_size: int = 128, **knobs) -> "ClassifyLocalize":
+        return build_with_options(cls, OPTIONS, num_classes, knobs, image_size=image_size)
 
     def freeze_backbone(self, flag: bool = True) -> None:
         """Stop (``True``) or resume (``False``) training the convolutional backbone; heads always train."""
         self.features.freeze_backbone(flag)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         feature_map = self.features.backbone(images)                     # (N, 3, H, W) -> (N, C, h, w)
         vector = self.features.pooled(feature_map)                       # (N, C, h, w) -> (N, hidden)
         boxes = torch.sigmoid(self.box_head(vector))                     # (N, 4) or (N, 4K), in [0, 1]
         if self.per_class_boxes:
             boxes = boxes.view(-1, self.num_classes, 4)                  # (N, 4K) -> (N, K, 4)
         return {"logits": self.class_head(feature_map), "boxes": boxes}  # logits (N, K)
+
+    def training_losses(self, images: Images, targets: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.transform.batch(images)
+        targets = self.transform.targets_to_input(targets, batch)
+        height, width = batch.input_size
+        labels = torch.cat([target["labels"] for target in targets])                        # (N,)
+        boxes = boxes_to_normalized(stack_targets(targets, "boxes")[:, 0].float(), height, width)  # (N, 4)
+        return self.loss(self.outputs(batch.normalized), labels, boxes)
+
+    def inference(self, images: Images) -> list[dict]:
+        batch = self.transform.batch(images)
+        outputs = self.outputs(batch.normalized)
+        scores, labels = outputs["logits"].softmax(dim=1).max(dim=1)
+        boxes = boxes_to_pixels(self.box_of_class(outputs["boxes"], labels), *batch.input_size)   # (N, 4) input px
+        return [{"labels": labels[i:i + 1], "scores": scores[i:i + 1],
+                 "boxes": self.transform.boxes_to_original(boxes[i:i + 1], batch.original_sizes[i])}
+                for i in range(len(labels))]
 
     def loss(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
              boxes_gt: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -105,13 +131,6 @@ class ClassifyLocalize(nn.Module):
             return boxes
         return boxes[torch.arange(len(labels), device=boxes.device), labels]
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``labels`` (N,), ``scores`` (N,) softmax probability, ``boxes`` (N, 4) normalised (cx, cy, w, h) of the
-        predicted class (for a per-class head)."""
-        outputs = self(images)
-        scores, labels = outputs["logits"].softmax(dim=1).max(dim=1)
-        return {"labels": labels, "scores": scores, "boxes": self.box_of_class(outputs["boxes"], labels)}
 
 
 def boxes_to_pixels(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:

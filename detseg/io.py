@@ -1,0 +1,76 @@
+"""File I/O: every file detseg writes goes through :func:`atomic_write_bytes`, the one atomic write.
+
+A write goes to a temporary file in the target's directory, is flushed to disk, then renamed over the target
+(``os.replace``, atomic on POSIX and Windows). A reader therefore sees the old file or the new one, never half of
+one, and a write that fails part-way (a full disk, an exception, a kill) leaves the old file as it was and no
+temporary file behind. The other writers (text, JSON, YAML) only turn their data into bytes.
+
+Reading back a YAML file (a run's ``config.yaml``) raises :class:`~detseg.errors.ConfigError` naming the file when
+it is missing or is not a YAML mapping.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["atomic_write_bytes", "write_text", "write_json", "save_yaml", "load_yaml"]
+
+
+def atomic_write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically, creating the parent directories.
+
+    ``mode`` sets the file's permission bits (e.g. ``0o644`` for a data set others read, ``0o600`` for a secret);
+    by default the file keeps the owner-only permissions of a fresh temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path | str, text: str, mode: int | None = None) -> None:
+    """Write ``text`` as UTF-8, atomically (reports, logs that are written whole)."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    """Write ``data`` as indented JSON plus a final newline, atomically (NaN and infinity are kept as such)."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def save_yaml(path: Path | str, data: Mapping[str, Any]) -> None:
+    """Write a mapping as YAML in its own key order, atomically."""
+    write_text(path, yaml.safe_dump(dict(data), sort_keys=False))
+
+
+def load_yaml(path: Path | str) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, invalid YAML or a non-mapping is a ConfigError naming ``path``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value")
+    return data

@@ -1,0 +1,178 @@
+"""What every model shares: the train/eval switch of the model contract and the preprocessing stage.
+
+:class:`DetsegModel` is the contract in code (see :mod:`detseg.models`): ``model(images, targets)`` in training mode
+returns named losses, ``model(images)`` in eval mode returns one prediction dict per image, and which of the two is
+decided by ``self.training`` alone. :class:`ImageTransform` is the first stage of every image model, as
+``GeneralizedRCNNTransform`` is torchvision's: it turns a list of images of any size into the batch the network
+expects (float, resized to the model's input size, normalised with statistics kept as buffers, so they travel in the
+checkpoint), and maps what the network predicts back to each image's own pixels.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-channel statistics (of [0, 1] pixels) every scenes-trained image model starts from: the scenes' backgrounds
+# and colours span the range evenly, so mean 0.5 and std 0.25 put the inputs near zero mean and unit variance.
+SCENES_MEAN, SCENES_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+Images = Sequence[torch.Tensor] | torch.Tensor   # a list of (3, H_i, W_i) images, or an (N, 3, H, W) batch
+
+
+class DetsegModel(nn.Module):
+    """Base class of every registered model: ``forward`` dispatches on ``self.training`` and nothing else.
+
+    Subclasses implement :meth:`training_losses` (a dict of named scalar losses; the engine minimises their sum) and
+    :meth:`inference` (one dict per image, in that image's own pixels). The engine also calls
+    ``training_losses`` directly with the model in eval mode to measure a validation loss, so it must work in
+    both modes (batch norm then uses its running statistics and nothing is updated).
+    """
+
+    def forward(self, images: Images, targets: list[dict] | None = None):
+        if self.training:
+            if targets is None:
+                raise ValueError("a model in training mode needs targets: model(images, targets) returns the losses; "
+                                 "call model.eval() to predict")
+            return self.training_losses(images, targets)
+        return self.inference(images)
+
+    def training_losses(self, images: Images, targets: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def inference(self, images: Images) -> list[dict]:
+        raise NotImplementedError
+
+    @contextmanager
+    def without_caches(self) -> Iterator[None]:
+        """Within the block, results cached across calls (a disk cache of Selective Search boxes, say) are not
+        used, so a timing counts all the work of a new image. Nothing is cached by default."""
+        yield
+
+
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) pixels in 0-255 (any dtype) -> (3, size, size) float, bilinear with antialiasing, rounded to whole
+    values: what a stored uint8 copy holds. The data sets' resize and the models' are this one function."""
+    scaled = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                           align_corners=False)
+    return scaled[0].round().clamp(0, 255)
+
+
+def scale_target(target: dict, scale_x: float, scale_y: float, size: int) -> dict:
+    """A target of an image resized to ``size`` x ``size`` (x times ``scale_x``, y times ``scale_y``): boxes,
+    proposals and joints scaled, the semantic map resized by nearest neighbour; other entries kept."""
+    scaled = dict(target)
+    for key in ("boxes", "proposals"):
+        if key in target:
+            scaled[key] = target[key] * torch.tensor([scale_x, scale_y, scale_x, scale_y])
+    if "keypoints" in target:
+        keypoints = target["keypoints"].clone()
+        keypoints[..., 0] *= scale_x
+        keypoints[..., 1] *= scale_y
+        scaled["keypoints"] = keypoints
+    if "semantic" in target:
+        scaled["semantic"] = F.interpolate(target["semantic"][None, None].float(), size=(size, size),
+                                           mode="nearest")[0, 0].to(target["semantic"].dtype)
+    return scaled
+
+
+def as_float_image(image: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) or (N, 3, H, W) image as float in [0, 1]: uint8 is divided by 255, float is taken as is."""
+    return image.float().div(255.0) if image.dtype == torch.uint8 else image.float()
+
+
+@dataclass
+class Batch:
+    """What :meth:`ImageTransform.batch` returns: the network's input and what is needed to map predictions back."""
+
+    normalized: torch.Tensor              # (N, 3, S, S) float, zero-centred with the model's statistics
+    pixels: torch.Tensor                  # (N, 3, S, S) float in [0, 1], before normalisation
+    original_sizes: list[tuple[int, int]]  # (H_i, W_i) of every image as given
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.normalized.shape[-2:])
+
+    def resized(self, index: int) -> bool:
+        return self.original_sizes[index] != self.input_size
+
+
+class ImageTransform(nn.Module):
+    """Images of any size -> a normalised ``size x size`` batch, and predictions back to the images' pixels.
+
+    Resizing is bilinear with antialiasing, in 0-255 units rounded to whole values, exactly what the data sets do
+    when they store a resized copy: an image given at its original size and its stored copy give the same input.
+    ``mean`` / ``std`` are per-channel statistics of [0, 1] pixels, registered as buffers (saved with the weights).
+    """
+
+    def __init__(self, size: int, mean: Sequence[float] = SCENES_MEAN, std: Sequence[float] = SCENES_STD):
+        super().__init__()
+        self.size = int(size)
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
+
+    def _resize(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) [0, 1] -> (3, S, S) [0, 1], rounded to 1/255 steps like a stored uint8 copy."""
+        return resize_square(image * 255.0, self.size) / 255.0
+
+    def batch(self, images: Images) -> Batch:
+        if torch.is_tensor(images) and images.dim() == 4:
+            pixels = as_float_image(images)                                # (N, 3, H, W), the fast path
+            sizes = [tuple(images.shape[-2:])] * len(images)
+            if sizes and sizes[0] != (self.size, self.size):
+                pixels = torch.stack([self._resize(image) for image in pixels])
+        else:
+            if len(images) == 0:
+                raise ValueError("no images given")
+            sizes = [tuple(image.shape[-2:]) for image in images]
+            for image in images:
+                if image.dim() != 3 or image.shape[0] != 3:
+                    raise ValueError(f"expected (3, H, W) images, got shape {tuple(image.shape)}")
+            pixels = torch.stack([self._resize(as_float_image(image)) if size != (self.size, self.size)
+                                  else as_float_image(image) for image, size in zip(images, sizes)])
+        normalized = (pixels - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+        return Batch(normalized, pixels, sizes)
+
+    # ---- targets into the input's pixels, predictions out of them ---------------------------------------------
+    def scale_of(self, original_size: tuple[int, int]) -> tuple[float, float]:
+        """(sx, sy) that take input pixels to the original image's pixels."""
+        height, width = original_size
+        return width / self.size, height / self.size
+
+    def targets_to_input(self, targets: list[dict], batch: Batch) -> list[dict]:
+        """Boxes, proposals and joints scaled, semantic maps resized (nearest), for images that were resized."""
+        moved = []
+        for index, target in enumerate(targets):
+            if batch.resized(index):
+                height, width = batch.original_sizes[index]
+                target = scale_target(target, self.size / width, self.size / height, self.size)
+            moved.append(target)
+        return moved
+
+    def boxes_to_original(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """(D, 4) xyxy in input pixels -> the original image's pixels."""
+        sx, sy = self.scale_of(original_size)
+        return boxes * boxes.new_tensor([sx, sy, sx, sy])
+
+    def keypoints_to_original(self, keypoints: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """(..., J, 2 or 3) joints in input pixels -> the original image's pixels (a third column is kept)."""
+        sx, sy = self.scale_of(original_size)
+        scaled = keypoints.clone()
+        scaled[..., 0] *= sx
+        scaled[..., 1] *= sy
+        return scaled
+
+    def map_to_original(self, scores: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+        """(C, S, S) score maps -> (C, H, W), bilinear (FCN's last upsampling, to the image's own pixels)."""
+        if tuple(scores.shape[-2:]) == tuple(original_size):
+            return scores
+        return F.interpolate(scores[None], size=original_size, mode="bilinear", align_corners=False)[0]
+
+
+def stack_targets(targets: list[dict], key: str) -> torch.Tensor:
+    """``torch.stack`` of one key over a batch of per-image target dicts."""
+    return torch.stack([target[key] for target in targets])
