@@ -119,6 +119,8 @@ class Augmentation:
             return image, target
         canvas = tuple(image.shape[-2:])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator alone (what v2 draws from): torch.manual_seed would also queue a CUDA seeding,
+            # whose bookkeeping formats the whole call stack - most of the cost of a small augmentation.
+            torch.default_generator.manual_seed(seed)
             image, target = self.pipeline(tv_tensors.Image(image), wrap_target(target, canvas))
         return image.as_subclass(torch.Tensor), unwrap_target(target, tuple(image.shape[-2:]))

@@ -68,7 +68,7 @@ def scale_target(target: dict, scale_x: float, scale_y: float, size: int) -> dic
     scaled = dict(target)
     for key in ("boxes", "proposals"):
         if key in target:
-            scaled[key] = target[key] * torch.tensor([scale_x, scale_y, scale_x, scale_y])
+            scaled[key] = target[key] * target[key].new_tensor([scale_x, scale_y, scale_x, scale_y])
     if "keypoints" in target:
         keypoints = target["keypoints"].clone()
         keypoints[..., 0] *= scale_x
