@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import random
 import socket
 import statistics
@@ -182,7 +183,7 @@ def many_players(work_dir: Path, seconds: float, pool: int) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "detseg.cli", "hyperquest", "--port", str(port), "--data-dir",
                                str(data_dir), "--dataset-pool", str(pool)],
                               env={**os.environ, "DETSEG_HYPERQUEST_ADMIN_TOKEN": token}, stdout=log,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -202,10 +203,31 @@ def many_players(work_dir: Path, seconds: float, pool: int) -> dict:
         wall = time.monotonic() - start
         export = httpx.get(f"{url}/admin/export", params={"token": token}, timeout=120).json()
     finally:
-        server.terminate()
-        server.wait(30)
+        # The whole process group: the server's epoch workers are its children, and one still writing a
+        # checkpoint into the scratch directory would outlive a plain terminate() (and break its clean-up).
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        _wait_for_group_exit(server.pid)
         log.close()
     return _reconcile(tally, export, seconds, wall, sum(p.is_alive() for p in players))
+
+
+def _wait_for_group_exit(group: int, seconds: float = 30.0) -> None:
+    """Until no process of ``group`` is left (SIGKILL for those still there after ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            os.killpg(group, signal.SIGKILL)
+            deadline = time.monotonic() + seconds
+        time.sleep(0.1)
 
 
 def _reconcile(tally: Tally, export: dict, seconds: float, wall: float, stuck_players: int) -> dict:
