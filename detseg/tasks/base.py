@@ -89,6 +89,11 @@ class Task:
         raise NotImplementedError
 
 
+def knobs_of(options: dict, config: dict) -> dict:
+    """The part of a run config that a model constructor takes (its ``OPTIONS`` keys)."""
+    return {key: config[key] for key in options}
+
+
 def collate_pairs(batch: list) -> tuple[Any, list[dict]]:
     inputs, targets = zip(*batch)
     same = all(item.shape == inputs[0].shape for item in inputs)

@@ -23,7 +23,7 @@ from ..models.localization import classify_localize, pose_regression
 from ..models.localization.classify_localize import ClassifyLocalize
 from ..models.localization.pose_regression import PoseRegressor, draw_pose
 from ..registry import register
-from .base import DataBundle, InMemorySet, Scorer, Task, image_tensor
+from .base import DataBundle, InMemorySet, Scorer, Task, image_tensor, knobs_of
 from .dense import label_names, materialize, open_splits
 
 SINGLE_OBJECT_OPTIONS = {
@@ -158,18 +158,14 @@ TRAINING = {"lr": Option(2e-3, "peak learning rate", min=0), "batch_size": Optio
             "epochs": Option(15, "passes over the training set", min=0)}
 
 
-def _knobs(options: dict, config: dict) -> dict:
-    return {key: config[key] for key in options}
-
-
 @register("loc/classify_localize", LocalizationTask, "one backbone, two heads: class scores and 4 box numbers "
           "(multi-task loss with box_weight)", {**classify_localize.OPTIONS, **TRAINING})
 def build_classify_localize(config: dict, info: dict) -> nn.Module:
     return ClassifyLocalize.build(info["num_classes"], image_size=info["image_size"],
-                                  **_knobs(classify_localize.OPTIONS, config))
+                                  **knobs_of(classify_localize.OPTIONS, config))
 
 
 @register("pose/regress", PoseTask, "14 LSP joints as 28 regressed numbers (DeepPose-style)",
           {**pose_regression.OPTIONS, **TRAINING})
 def build_pose_regressor(config: dict, info: dict) -> nn.Module:
-    return PoseRegressor.build(1, image_size=info["image_size"], **_knobs(pose_regression.OPTIONS, config))
+    return PoseRegressor.build(1, image_size=info["image_size"], **knobs_of(pose_regression.OPTIONS, config))

@@ -19,7 +19,7 @@ from ..metrics import ConfusionMatrix
 from ..models.segmentation import encoder_decoder, fcn_fullres, sliding_window
 from ..models.segmentation.segmenter import WEIGHTINGS, Segmenter, SlidingWindowSegmentation, class_weights
 from ..registry import register
-from .base import DataBundle, InMemorySet, Scorer, Task, image_tensor
+from .base import DataBundle, InMemorySet, Scorer, Task, image_tensor, knobs_of
 from .dense import label_names, materialize, open_splits
 
 # A fixed colour per class (index 0, background, is never drawn).
@@ -111,10 +111,6 @@ def _class_weights(config: dict, info: dict) -> torch.Tensor | None:
     return class_weights(share, config["class_weighting"]) if share else None
 
 
-def _knobs(options: dict, config: dict) -> dict:
-    return {key: config[key] for key in options}
-
-
 @register("seg/sliding_window", SegmentationTask,
           "the lecture's 'terrible idea': a CNN classifies the centre pixel of a crop",
           {**sliding_window.OPTIONS, **SEG_TRAINING, "batch_size": Option(8, "images per step", min=1),
@@ -123,7 +119,7 @@ def _knobs(options: dict, config: dict) -> dict:
                                  min=1)})
 def build_sliding_window(config: dict, info: dict) -> nn.Module:
     network = sliding_window.SlidingWindowSegmenter.build(info["num_classes"],
-                                                          **_knobs(sliding_window.OPTIONS, config))
+                                                          **knobs_of(sliding_window.OPTIONS, config))
     return SlidingWindowSegmentation(network, info["image_size"], _class_weights(config, info),
                                      crops_per_image=config["crops_per_image"], eval_stride=config["eval_stride"])
 
@@ -131,7 +127,7 @@ def build_sliding_window(config: dict, info: dict) -> nn.Module:
 @register("seg/fcn_fullres", SegmentationTask, "fully convolutional at full resolution: C x H x W scores in one pass",
           {**fcn_fullres.OPTIONS, **SEG_TRAINING})
 def build_fcn_fullres(config: dict, info: dict) -> nn.Module:
-    network = fcn_fullres.FullResolutionFCN.build(info["num_classes"], **_knobs(fcn_fullres.OPTIONS, config))
+    network = fcn_fullres.FullResolutionFCN.build(info["num_classes"], **knobs_of(fcn_fullres.OPTIONS, config))
     return Segmenter(network, info["image_size"], _class_weights(config, info))
 
 
@@ -139,5 +135,5 @@ def build_fcn_fullres(config: dict, info: dict) -> nn.Module:
           "transposed or resize conv), optional skips",
           {**encoder_decoder.OPTIONS, **SEG_TRAINING, "lr": Option(3e-3, "peak learning rate", min=0)})
 def build_encoder_decoder(config: dict, info: dict) -> nn.Module:
-    network = encoder_decoder.EncoderDecoder.build(info["num_classes"], **_knobs(encoder_decoder.OPTIONS, config))
+    network = encoder_decoder.EncoderDecoder.build(info["num_classes"], **knobs_of(encoder_decoder.OPTIONS, config))
     return Segmenter(network, info["image_size"], _class_weights(config, info))
