@@ -131,19 +131,36 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
     return metrics
 
 
-def load(checkpoint: str | Path, device: str = "cpu"):
-    """Rebuild the model of a checkpoint; returns (model in eval mode, the checkpoint dict)."""
+def load(checkpoint: str | Path, device: str = "cpu",
+         overrides: Mapping[str, Any] | Iterable[str] | None = None):
+    """Rebuild the model of a checkpoint; returns (model in eval mode, the checkpoint dict).
+
+    ``overrides`` change test-time knobs of the saved config (``rpn_post_nms_test=10``, ``score_thresh=0.3``); the
+    returned payload's ``config`` holds them. A knob that changes the weights' shapes is a ConfigError naming it.
+    """
     payload = load_checkpoint(checkpoint, map_location=device)
     entry = registry.get(payload["model_name"])
+    if overrides is not None and not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    if overrides:
+        payload = {**payload, "config": resolve(entry.all_options(), overrides, payload["config"])}
     model = entry.build(payload["config"], payload["info"])
-    model.load_state_dict(payload["model"])
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        if not overrides:
+            raise
+        raise ConfigError(f"{checkpoint}: {', '.join(f'{k}={v}' for k, v in overrides.items())} changes the "
+                          f"model's weights; only test-time knobs can be changed here") from error
     return model.to(device).eval(), payload
 
 
 def evaluate(checkpoint: str | Path, *, data: str | None = None, val: str | None = None,
-             out: str | Path | None = None, device: str = "cpu") -> dict[str, float]:
-    """Metrics of a checkpoint on the validation data of its run (or on ``data`` / ``val`` given here)."""
-    model, payload = load(checkpoint, device)
+             out: str | Path | None = None, device: str = "cpu",
+             overrides: Mapping[str, Any] | Iterable[str] | None = None) -> dict[str, float]:
+    """Metrics of a checkpoint on the validation data of its run (or on ``data`` / ``val`` given here), with
+    test-time knobs changed by ``overrides`` (see :func:`load`)."""
+    model, payload = load(checkpoint, device, overrides)
     config = dict(payload["config"])
     task = registry.get(payload["model_name"]).make_task(config)
     seed_everything(config["seed"])

@@ -125,11 +125,15 @@ def config_command(model: str) -> None:
 @click.option("--data", default=None)
 @click.option("--val", default=None)
 @click.option("--out", default=None, type=click.Path(file_okay=False))
-def eval_command(checkpoint, data, val, out) -> None:
-    """Evaluate CHECKPOINT (a .pt file or a run directory) on its validation data."""
+@click.argument("overrides", nargs=-1)
+def eval_command(checkpoint, data, val, out, overrides) -> None:
+    """Evaluate CHECKPOINT (a .pt file or a run directory) on its validation data.
+
+    OVERRIDES are test-time knobs as key=value (e.g. rpn_post_nms_test=10 score_thresh=0.3)."""
     from . import api
 
-    click.echo(json.dumps(api.evaluate(checkpoint, data=data, val=val, out=out), indent=2))
+    click.echo(json.dumps(api.evaluate(checkpoint, data=data, val=val, out=out, overrides=list(overrides)),
+                          indent=2))
 
 
 @main.command("predict")
@@ -151,11 +155,13 @@ def predict_command(checkpoint, images, out) -> None:
 @click.argument("study")
 @click.option("--out", default=None, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="Smaller settings for a fast look.")
-def bench_command(study, out, quick) -> None:
+@click.option("--only", default=None, help="Comma-separated parts of the study to run (detectors: row names or "
+                                           "'sweeps'); the other rows of an earlier results.json are kept.")
+def bench_command(study, out, quick, only) -> None:
     """Run a benchmark STUDY and write report.md, plots and results.json."""
     from .bench import run_study
 
-    run_study(study, out=out, quick=quick)
+    run_study(study, out=out, quick=quick, only=only)
 
 
 @main.command("hyperquest")

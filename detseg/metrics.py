@@ -278,7 +278,7 @@ _RESULT_FIELD = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints
 
 
 def coco_eval(gt: dict | COCO, results: list[dict], iou_type: str = "bbox", kpt_oks_sigmas=None,
-              quiet: bool = True) -> dict[str, float]:
+              quiet: bool = True, area_thresholds: tuple[float, float] | None = None) -> dict[str, float]:
     """COCO evaluation of ``results`` (COCO results format) against ``gt``, by pycocotools' COCOeval.
 
     Returns COCOeval's ``stats`` unchanged under flat names: for "bbox" and "segm" :data:`DETECTION_STAT_KEYS`
@@ -292,6 +292,9 @@ def coco_eval(gt: dict | COCO, results: list[dict], iou_type: str = "bbox", kpt_
     exactly as in COCO. Empty ``results`` evaluate to 0 precision and recall instead of crashing pycocotools.
     For keypoints only categories that define keypoints are evaluated; ``kpt_oks_sigmas`` defaults to
     :data:`LSP_OKS_SIGMAS` for 14 joints and to COCO's sigmas for 17. ``quiet`` hides pycocotools' printing.
+    ``area_thresholds`` ``(small, large)`` in square pixels replaces COCO's 32² / 96² limits of the small / medium /
+    large stats (the scenes' own, rescaled to their image size: :func:`detseg.data.scenes.area_thresholds`); every
+    other stat is unchanged by it.
 
     Raises DetsegError when a result names an image or category the ground truth does not have, or lacks the field
     the ``iou_type`` compares.
@@ -306,6 +309,10 @@ def coco_eval(gt: dict | COCO, results: list[dict], iou_type: str = "bbox", kpt_
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         if iou_type == "keypoints":
             _set_keypoint_params(evaluator.params, coco_gt, kpt_oks_sigmas)
+        if area_thresholds is not None:
+            small, large = (float(limit) for limit in area_thresholds)
+            everything = evaluator.params.areaRng[0]
+            evaluator.params.areaRng = [everything, [0.0, small], [small, large], [large, everything[1]]]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

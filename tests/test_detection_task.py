@@ -70,6 +70,19 @@ def test_predict_draws_boxes_on_grayscale_and_odd_sized_images(tmp_path, cli):
     assert (tmp_path / "pred" / "grey_pred.png").is_file()
 
 
+def test_eval_changes_test_time_knobs_only(tmp_path, cli):
+    run = tmp_path / "run"
+    assert cli("train", "det/faster_rcnn", "--epochs", "1", "--out", run, *TINY).returncode == 0
+    result = cli("eval", run / "best.pt", "rpn_post_nms_test=5", "score_thresh=0.2")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["detections_per_image"] <= 100
+    model, payload = api.load(run / "best.pt", overrides={"rpn_post_nms_test": 5})
+    assert model.proposer.post_nms_test == 5 and payload["config"]["rpn_post_nms_test"] == 5
+    result = cli("eval", run / "best.pt", "head_hidden=32")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "head_hidden=32 changes the model's weights" in result.stderr.strip().splitlines()[-1]
+
+
 def test_crowd_regions_take_no_part_in_training():
     entry = registry.get("det/faster_rcnn")
     config = resolve(entry.all_options(), {"width": 8, "image_size": 64})

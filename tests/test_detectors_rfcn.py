@@ -84,7 +84,8 @@ def test_overfits_two_scenes_with_the_rpn():
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.0)
     history = []
     model.train()
-    for _ in range(100):
+    # 150 steps: at 100, one machine's numerics (torch 2.14.1 CPU) left two confident boxes on parts of a person.
+    for _ in range(150):
         losses = model(images, targets)
         assert set(losses) == {"rpn_objectness", "rpn_box", "roi_class", "roi_box"}
         loss = sum(losses.values())
@@ -92,7 +93,7 @@ def test_overfits_two_scenes_with_the_rpn():
         loss.backward()
         optimizer.step()
         history.append(loss.item())
-    # Measured: ~3.1 -> ~0.15-0.25 (factor 12-20) over seeds 0-3.
+    # Measured at 100 steps: ~3.1 -> ~0.15-0.25 (factor 12-20) over seeds 0-3.
     assert sum(history[-5:]) / 5 < history[0] / 6
 
     model.eval()

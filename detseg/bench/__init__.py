@@ -3,6 +3,7 @@ results.json into its output directory. Studies are slow by design and are not p
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -14,12 +15,17 @@ STUDIES = {
     "segmentation": "detseg.bench.segmentation",
     "localization": "detseg.bench.localization",
     "rcnn": "detseg.bench.rcnn",
+    "detectors": "detseg.bench.detectors",
 }
 
 
-def run_study(study: str, out: str | Path | None = None, quick: bool = False) -> dict:
+def run_study(study: str, out: str | Path | None = None, quick: bool = False, only: str | None = None) -> dict:
+    """Run ``study`` into ``out`` (default bench/STUDY). ``only`` (studies that take it) runs part of it."""
     if study not in STUDIES:
         raise ConfigError(f"unknown study '{study}'; available: {', '.join(sorted(STUDIES))}")
+    module = importlib.import_module(STUDIES[study])
+    if only and "only" not in inspect.signature(module.run).parameters:
+        raise ConfigError(f"--only: the {study} study always runs whole")
     out_dir = Path(out) if out is not None else Path("bench") / study
     out_dir.mkdir(parents=True, exist_ok=True)
-    return importlib.import_module(STUDIES[study]).run(out_dir, quick)
+    return module.run(out_dir, quick, only=only) if only else module.run(out_dir, quick)

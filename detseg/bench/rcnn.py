@@ -20,8 +20,6 @@ R-CNN (proposals included), and trains >= 2x faster than torchvision's Faster R-
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
 import traceback
 from pathlib import Path
@@ -30,22 +28,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .. import api, registry  # noqa: E402
-from ..tasks.base import predict_arrays  # noqa: E402
-from ..data.export import write_scenes  # noqa: E402
-from ..data.images import load_rgb  # noqa: E402
+from ..data.scenes import ScenesSource  # noqa: E402
 from ..io import write_json  # noqa: E402
 from ..viz import save_figure, save_report  # noqa: E402
+from .detection_runs import (PICTURE_DETECTIONS, STAGES, best_detections, first_images,  # noqa: E402,F401
+                             make_row, plot_detections, prepare_scenes, run_detector, time_test_stages,
+                             training_overrides)
 
 # (method, det/ model name), in the lecture's order; R-CNN is the unit of every ratio.
 METHODS = (("sliding_window", "det/sliding_window"), ("rcnn", "det/rcnn"), ("spp", "det/spp"),
            ("fast_rcnn", "det/fast_rcnn"), ("faster_rcnn", "det/faster_rcnn"), ("rfcn", "det/rfcn"),
            ("torchvision", "det/torchvision_faster_rcnn"))
 REFERENCE = "rcnn"
-STAGES = ("proposals", "shared_conv", "per_region", "other")
-PICTURE_DETECTIONS = 4    # detections drawn per image in detections.png
 
 # Speed-ups over R-CNN in the literature. Fast R-CNN paper (Girshick 2015, Table 4, VGG16): training 84 h / 25.5 h /
 # 9.5 h, testing 47 s / 2.3 s / 0.32 s per image without Selective Search. Lecture: test time with proposals.
@@ -62,134 +61,21 @@ TARGET_TRAIN_VS_TORCHVISION = 2.0  # Faster R-CNN vs torchvision's, images per s
 SETTINGS = {
     True: {"threads": 1, "train": 400, "val": 50, "image_size": 128, "batch_size": 8, "budget": 60.0,
            "timing_images": 10, "picture_images": 3,
-           "val_limit": {"sliding_window": 8, "rcnn": 25}, "timing_limit": {"sliding_window": 3}},
+           "val_limit": {"sliding_window": 8, "rcnn": 25}, "timing_limit": {"sliding_window": 3},
+           "operating_point": {"images": 5, "height": 375, "width": 500}},
     False: {"threads": 1, "train": 3000, "val": 300, "image_size": 128, "batch_size": 8, "budget": 600.0,
             "timing_images": 20, "picture_images": 4,
-            "val_limit": {"sliding_window": 50}, "timing_limit": {"sliding_window": 5}},
+            "val_limit": {"sliding_window": 50}, "timing_limit": {"sliding_window": 5},
+            "operating_point": {"images": 20, "height": 375, "width": 500}},
 }
 
-
-# ---- data --------------------------------------------------------------------------------------------------------
-def _image_count(json_path: Path) -> int:
-    with open(json_path) as handle:
-        return len(json.load(handle)["images"])
-
-
-def prepare_scenes(data_dir: Path, settings: dict) -> dict[str, Path]:
-    """The scenes as COCO files, written once (kept when a previous study wrote the same counts)."""
-    train_json, val_json = data_dir / "train.json", data_dir / "val.json"
-    if not (train_json.is_file() and val_json.is_file() and _image_count(train_json) == settings["train"]
-            and _image_count(val_json) == settings["val"]):
-        write_scenes(data_dir, settings["train"], settings["val"], size=settings["image_size"], seed=0,
-                     progress=False)
-    return {"train": train_json, "val": val_json}
-
-
-def first_images(coco_json: Path, count: int) -> Path:
-    """A COCO file beside ``coco_json`` holding its first ``count`` images and their annotations."""
-    with open(coco_json) as handle:
-        document = json.load(handle)
-    if count >= len(document["images"]):
-        return coco_json
-    document["images"] = document["images"][:count]
-    kept = {image["id"] for image in document["images"]}
-    document["annotations"] = [a for a in document["annotations"] if a["image_id"] in kept]
-    subset = coco_json.with_name(f"{coco_json.stem}_first{count}.json")
-    write_json(subset, document)
-    return subset
-
-
-def load_images(coco_json: Path, count: int) -> list:
-    """The first ``count`` images of a COCO file as (H, W, 3) uint8 arrays."""
-    with open(coco_json) as handle:
-        document = json.load(handle)
-    return [load_rgb(coco_json.parent / image["file_name"]) for image in document["images"][:count]]
-
-
-# ---- one detector -------------------------------------------------------------------------------------------------
-def training_overrides(model_name: str, settings: dict) -> dict:
-    """Equal conditions for every detector; only knobs the model has (R-CNN has no shared backbone, for one)."""
-    common = {"image_size": settings["image_size"], "batch_size": settings["batch_size"], "backbone": "tiny",
-              # the time budget ends training, and only the last epoch is evaluated: no evaluation in between
-              "epochs": 1000, "eval_every": 1000, "seed": 0, "threads": settings["threads"]}
-    known = registry.get(model_name).all_options()
-    return {key: value for key, value in common.items() if key in known}
-
-
-@torch.no_grad()
-def time_test_stages(model: torch.nn.Module, images: list) -> dict[str, float]:
-    """Milliseconds per image at batch 1, total and per stage (RegionDetector.time_stages), and the number of
-    proposals per image the RoI head saw; a model without stages (torchvision's) gets its total only."""
-    staged = hasattr(model, "stage_seconds")
-    batches = [torch.from_numpy(image).permute(2, 0, 1)[None].contiguous() for image in images]
-    model(batches[0])                                  # warm-up (allocations, lazy caches); then every image timed
-    counts: list[int] = []
-    hook = model.proposer.register_forward_hook(lambda module, inputs, output: counts.extend(map(len, output[0]))) \
-        if staged else None
-    if staged:
-        model.time_stages = True
-        model.stage_seconds = dict.fromkeys(model.stage_seconds, 0.0)
-    started = time.perf_counter()
-    for batch in batches:
-        model(batch)
-    total = 1000.0 * (time.perf_counter() - started) / len(batches)
-    timing = {"test_ms_per_image": total}
-    if staged:
-        hook.remove()
-        model.time_stages = False
-        parts = {name: 1000.0 * seconds / len(batches) for name, seconds in model.stage_seconds.items()}
-        timing.update({f"test_ms_{name}": parts.get(name, 0.0) for name in STAGES[:3]})
-        timing["test_ms_other"] = max(0.0, total - sum(parts.values()))
-        timing["proposals_per_image"] = sum(counts) / max(1, len(counts))
-    return timing
-
-
-def run_detector(method: str, model_name: str, files: dict, settings: dict, out: Path) -> tuple[dict, list]:
-    """Train one detector through the API, time its test stages, draw a few detections; (row, pictures)."""
-    run_dir = out / "runs" / method
-    shutil.rmtree(run_dir, ignore_errors=True)          # a stale best.pt of an earlier study must not be reported
-    val_json = files["val"]
-    if method in settings["val_limit"]:
-        val_json = first_images(val_json, settings["val_limit"][method])
-    started = time.perf_counter()
-    metrics = api.train(model_name, data=str(files["train"]), val=str(val_json), time_budget=settings["budget"],
-                        out=run_dir, overrides=training_overrides(model_name, settings), progress=False,
-                        verbose=False)
-    train_wall = time.perf_counter() - started
-    started = time.perf_counter()
-    torch.set_num_threads(settings["threads"])         # as in training (api.train set it; said again for clarity)
-    model, payload = api.load(run_dir / "best.pt")
-    timing_count = min(settings["timing_images"], settings["timing_limit"].get(method, settings["timing_images"]))
-    with model.without_caches():                       # Selective Search computed fresh, as for a new image
-        timing = time_test_stages(model, load_images(files["val"], timing_count))
-    task = registry.get(model_name).make_task(dict(payload["config"]))
-    images = load_images(files["val"], settings["picture_images"])
-    predictions = predict_arrays(model, task, images, payload["info"], torch.device("cpu"))
-    pictures = [task.draw(image, best_detections(prediction), payload["info"], min_score=0.0)
-                for image, prediction in zip(images, predictions)]
-    extras = {"val_images": _image_count(val_json), "timing_images": timing_count, "epochs": metrics["epochs"],
-              "infer_ms_per_image": metrics["infer_ms_per_image"], "train_wall_seconds": train_wall,
-              "timing_wall_seconds": time.perf_counter() - started}
-    return make_row(method, model_name, metrics, timing, extras), pictures
-
-
-def best_detections(prediction: dict, count: int = PICTURE_DETECTIONS) -> dict:
-    """The ``count`` highest-scoring detections of a prediction (lists of boxes, scores, labels): a short run's
-    scores rarely reach the usual 0.5 drawing threshold, and the picture should still show what each method finds."""
-    order = sorted(range(len(prediction["scores"])), key=lambda i: -prediction["scores"][i])[:count]
-    return {key: [prediction[key][i] for i in order] for key in ("boxes", "scores", "labels")}
+# The lecture's operating point: PASCAL-sized photos (500 x 375), where Selective Search finds ~2,000 regions. The
+# models trained at 128 px are run there at test time only; sliding windows (whose window grid is fixed at the
+# training size) and torchvision's model (whose transform resizes to its own min_size) are left out.
+OPERATING_POINT_METHODS = ("rcnn", "spp", "fast_rcnn", "faster_rcnn", "rfcn")
 
 
 # ---- rows, ratios, verdicts (pure functions of the numbers) -------------------------------------------------------
-def make_row(method: str, model_name: str, metrics: dict, timing: dict, extras: dict | None = None) -> dict:
-    """One results row: the run's metrics.json numbers and the timing pass's split."""
-    row = {"method": method, "model": model_name, "train_seconds": metrics["train_seconds"],
-           "train_images_per_second": metrics["train_images_per_second"],
-           "ap": metrics["ap"], "ap50": metrics["ap50"], **timing, **(extras or {})}
-    row.setdefault("test_ms_per_image", float("nan"))
-    return row
-
-
 def _test_ms_without_proposals(row: dict) -> float | None:
     if "test_ms_proposals" not in row:
         return None
@@ -271,22 +157,6 @@ def plot_speed(rows: list[dict], out: Path) -> None:
     save_figure(figure, out / "speed.png")
 
 
-def plot_detections(pictures: dict[str, list], out: Path) -> None:
-    """detections.png: one row per method, each image with its best detections, the same images in every row."""
-    if not pictures:
-        return
-    columns = max(len(row) for row in pictures.values())
-    figure, axes = plt.subplots(len(pictures), columns, figsize=(2.6 * columns, 2.6 * len(pictures)), squeeze=False)
-    for axes_row, (method, row) in zip(axes, pictures.items()):
-        for axis, picture in zip(axes_row, row):
-            axis.imshow(picture.permute(1, 2, 0).numpy())
-        for axis in axes_row:
-            axis.set_xticks([])
-            axis.set_yticks([])
-        axes_row[0].set_ylabel(method)
-    save_figure(figure, out / "detections.png")
-
-
 # ---- report -------------------------------------------------------------------------------------------------------
 def _number(value, digits: int = 1, suffix: str = "") -> str:
     return "n/a" if value is None or value != value else f"{value:.{digits}f}{suffix}"
@@ -330,6 +200,32 @@ def _where_time_goes(rows: list[dict]) -> str:
             "by R-CNN's small per-region cost.")
 
 
+def _operating_point_lines(results: dict) -> list[str]:
+    """The test-time table at the lecture's operating point (photo-sized images, ~2,000 Selective Search boxes)."""
+    point = results.get("operating_point") or {}
+    if not point.get("rows"):
+        return []
+    size = results["settings"]["operating_point"]
+    lines = ["## At the lecture's operating point", "",
+             f"The same best.pt of each region-based method, at test time only, on {size['images']} scenes drawn at "
+             f"{size['width']} x {size['height']} px (PASCAL's photo size) and run at that size; proposals computed "
+             "fresh. Training stays at 128 px, so these numbers are speed only.", "",
+             "| method | test ms/img | proposals | shared conv | per region | regions/img | test × R-CNN | lecture |",
+             "|---|" + "---:|" * 7]
+    for row in point["rows"]:
+        ratio = point["speedups"].get(row["method"], {})
+        lines.append(f"| {row['method']} | {row['test_ms_per_image']:.0f} | {_number(row.get('test_ms_proposals'), 0)} "
+                     f"| {_number(row.get('test_ms_shared_conv'), 0)} | {_number(row.get('test_ms_per_region'), 0)} "
+                     f"| {_number(row.get('proposals_per_image'), 0)} "
+                     f"| {_number(ratio.get('test_with_proposals'), 1, '×')} "
+                     f"| {_number(ratio.get('lecture_test_with_proposals'), 0, '×')} |")
+    faster = point["speedups"].get("faster_rcnn", {}).get("test_with_proposals")
+    verdict = None if faster is None else faster >= TARGET_TEST_SPEEDUP
+    lines += ["", f"- Faster R-CNN test ≥ {TARGET_TEST_SPEEDUP:g}× faster than R-CNN at {size['width']} x "
+                  f"{size['height']} px (proposals included): {_number(faster, 1, '×')} — {_verdict(verdict)}", ""]
+    return lines
+
+
 def write_report(out: Path, results: dict) -> str:
     settings, rows, verdicts = results["settings"], results["rows"], results["targets"]
     done = [row for row in rows if "train_seconds" in row]
@@ -366,6 +262,7 @@ def write_report(out: Path, results: dict) -> str:
         f"- Faster R-CNN training throughput ≥ {TARGET_TRAIN_VS_TORCHVISION:g}× torchvision's Faster R-CNN at equal "
         f"or better AP (same budget): {_number(train_target['value'], 2, '×')}, AP difference "
         f"{_number(train_target['ap_difference'], 3)} — {_verdict(train_target['passed'])}", "",
+        *_operating_point_lines(results),
         *(["## Skipped", "", *skipped, ""] if skipped else []),
         "![speed](speed.png)", "",
         f"The {PICTURE_DETECTIONS} highest-scoring detections of each method (score printed) on the same "
@@ -373,6 +270,37 @@ def write_report(out: Path, results: dict) -> str:
         "![detections](detections.png)", "",
     ]
     return save_report(out / "report.md", lines)
+
+
+# ---- the lecture's operating point ---------------------------------------------------------------------------
+def photo_sized_scenes(count: int, height: int, width: int) -> list[np.ndarray]:
+    """``count`` scenes drawn at ``width`` px and cropped to ``height`` rows: (height, width, 3) uint8 arrays.
+
+    Up to 99 objects each (about 50 on average) rather than the usual 1-8: a PASCAL photo is cluttered, and on these
+    Selective Search ("fast") finds ~1,500-2,500 regions, the operating point of the R-CNN papers; on a 500 px scene
+    with a few shapes it finds a few hundred."""
+    source = ScenesSource(count, size=max(height, width), seed=11, split="photo", max_objects=99)
+    top = (max(height, width) - height) // 2
+    return [np.ascontiguousarray(source.render(index).image[top:top + height, :width]) for index in range(count)]
+
+
+def time_operating_point(rows: list[dict], settings: dict) -> list[dict]:
+    """Test time per image of each trained region-based detector on photo-sized scenes, proposals included and
+    computed fresh (rows with the same timing keys as the 128 px ones)."""
+    point = settings["operating_point"]
+    images = photo_sized_scenes(point["images"], point["height"], point["width"])
+    torch.set_num_threads(settings["threads"])
+    timed = []
+    for row in rows:
+        if row["method"] not in OPERATING_POINT_METHODS or "run_dir" not in row:
+            continue
+        print(f"{row['method']}: timing at {point['width']} x {point['height']} px ...", flush=True)
+        model, _ = api.load(Path(row["run_dir"]) / "best.pt")
+        with model.transform.resized_to((point["height"], point["width"])), model.without_caches():
+            timing = time_test_stages(model, images)
+        timed.append({"method": row["method"], "model": row["model"], "train_seconds": row["train_seconds"],
+                      "train_images_per_second": row["train_images_per_second"], **timing})
+    return timed
 
 
 def run(out: Path, quick: bool, settings: dict | None = None, methods=METHODS) -> dict:
@@ -396,9 +324,10 @@ def run(out: Path, quick: bool, settings: dict | None = None, methods=METHODS) -
         print(f"{method}: {row['train_images_per_second']:.1f} train img/s, test {row['test_ms_per_image']:.1f} "
               f"ms/img, AP {row['ap']:.3f}, AP50 {row['ap50']:.3f} ({row['train_wall_seconds']:.0f} + "
               f"{row['timing_wall_seconds']:.0f} s wall)", flush=True)
+    operating = time_operating_point(rows, settings)
     results = {"quick": quick, "settings": settings, "rows": rows, "speedups": speedups(rows),
-               "targets": targets(rows), "threads": settings["threads"],
-               "wall_seconds": time.perf_counter() - started}
+               "targets": targets(rows), "operating_point": {"rows": operating, "speedups": speedups(operating)},
+               "threads": settings["threads"], "wall_seconds": time.perf_counter() - started}
     plot_speed(rows, out)
     plot_detections(pictures, out)
     write_json(out / "results.json", results)

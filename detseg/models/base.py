@@ -54,17 +54,24 @@ class DetsegModel(nn.Module):
         yield
 
 
-def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``size`` (a square's side) or ``(height, width)`` -> ``(height, width)``."""
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_square(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """(3, H, W) pixels in 0-255 (any dtype) -> (3, size, size) float, bilinear with antialiasing, rounded to whole
-    values: what a stored uint8 copy holds. The data sets' resize and the models' are this one function."""
-    scaled = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+    values: what a stored uint8 copy holds. The data sets' resize and the models' are this one function. ``size``
+    may also be ``(height, width)``."""
+    scaled = F.interpolate(image[None].float(), size=_shape(size), mode="bilinear", antialias=True,
                            align_corners=False)
     return scaled[0].round().clamp(0, 255)
 
 
-def scale_target(target: dict, scale_x: float, scale_y: float, size: int) -> dict:
-    """A target of an image resized to ``size`` x ``size`` (x times ``scale_x``, y times ``scale_y``): boxes,
-    proposals and joints scaled, the semantic map resized by nearest neighbour; other entries kept."""
+def scale_target(target: dict, scale_x: float, scale_y: float, size: int | tuple[int, int]) -> dict:
+    """A target of an image resized to ``size`` x ``size`` (or ``(height, width)``; x times ``scale_x``, y times
+    ``scale_y``): boxes, proposals and joints scaled, the semantic map resized by nearest neighbour; other entries
+    kept."""
     scaled = dict(target)
     for key in ("boxes", "proposals"):
         if key in target:
@@ -75,7 +82,7 @@ def scale_target(target: dict, scale_x: float, scale_y: float, size: int) -> dic
         keypoints[..., 1] *= scale_y
         scaled["keypoints"] = keypoints
     if "semantic" in target:
-        scaled["semantic"] = F.interpolate(target["semantic"][None, None].float(), size=(size, size),
+        scaled["semantic"] = F.interpolate(target["semantic"][None, None].float(), size=_shape(size),
                                            mode="nearest")[0, 0].to(target["semantic"].dtype)
     return scaled
 
@@ -107,13 +114,28 @@ class ImageTransform(nn.Module):
     Resizing is bilinear with antialiasing, in 0-255 units rounded to whole values, exactly what the data sets do
     when they store a resized copy: an image given at its original size and its stored copy give the same input.
     ``mean`` / ``std`` are per-channel statistics of [0, 1] pixels, registered as buffers (saved with the weights).
+    ``size`` may be ``(height, width)`` for a non-square input (a benchmark running a model at a photo's size).
     """
 
-    def __init__(self, size: int, mean: Sequence[float] = SCENES_MEAN, std: Sequence[float] = SCENES_STD):
+    def __init__(self, size: int | tuple[int, int], mean: Sequence[float] = SCENES_MEAN,
+                 std: Sequence[float] = SCENES_STD):
         super().__init__()
-        self.size = int(size)
+        self.size = size if isinstance(size, int) else _shape(size)
+        self.shape = _shape(size)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
+
+    @contextmanager
+    def resized_to(self, size: int | tuple[int, int]) -> Iterator[None]:
+        """Within the block, the input size is ``size`` (a side or ``(height, width)``): a benchmark timing a model
+        trained at 128 px on photo-sized images, say. Convolutional stages adapt to any size; a model whose layers
+        fix the input size (a fully-connected head on the whole map) does not."""
+        saved = self.size, self.shape
+        self.size, self.shape = (size if isinstance(size, int) else _shape(size)), _shape(size)
+        try:
+            yield
+        finally:
+            self.size, self.shape = saved
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) [0, 1] -> (3, S, S) [0, 1], rounded to 1/255 steps like a stored uint8 copy."""
@@ -123,7 +145,7 @@ class ImageTransform(nn.Module):
         if torch.is_tensor(images) and images.dim() == 4:
             pixels = as_float_image(images)                                # (N, 3, H, W), the fast path
             sizes = [tuple(images.shape[-2:])] * len(images)
-            if sizes and sizes[0] != (self.size, self.size):
+            if sizes and sizes[0] != self.shape:
                 pixels = torch.stack([self._resize(image) for image in pixels])
         else:
             if len(images) == 0:
@@ -132,7 +154,7 @@ class ImageTransform(nn.Module):
             for image in images:
                 if image.dim() != 3 or image.shape[0] != 3:
                     raise ValueError(f"expected (3, H, W) images, got shape {tuple(image.shape)}")
-            pixels = torch.stack([self._resize(as_float_image(image)) if size != (self.size, self.size)
+            pixels = torch.stack([self._resize(as_float_image(image)) if size != self.shape
                                   else as_float_image(image) for image, size in zip(images, sizes)])
         normalized = (pixels - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
         return Batch(normalized, pixels, sizes)
@@ -141,7 +163,7 @@ class ImageTransform(nn.Module):
     def scale_of(self, original_size: tuple[int, int]) -> tuple[float, float]:
         """(sx, sy) that take input pixels to the original image's pixels."""
         height, width = original_size
-        return width / self.size, height / self.size
+        return width / self.shape[1], height / self.shape[0]
 
     def targets_to_input(self, targets: list[dict], batch: Batch) -> list[dict]:
         """Boxes, proposals and joints scaled, semantic maps resized (nearest), for images that were resized."""
@@ -149,7 +171,7 @@ class ImageTransform(nn.Module):
         for index, target in enumerate(targets):
             if batch.resized(index):
                 height, width = batch.original_sizes[index]
-                target = scale_target(target, self.size / width, self.size / height, self.size)
+                target = scale_target(target, self.shape[1] / width, self.shape[0] / height, self.shape)
             moved.append(target)
         return moved
 

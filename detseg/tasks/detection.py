@@ -1,8 +1,8 @@
 """Object detection: find every object - a class and a box each - however many there are.
 
-Every method of the lecture's progression (sliding window, R-CNN, SPP-net, Fast R-CNN, Faster R-CNN, R-FCN) is one
-``det/<method>`` model of this task, so all of them read the same data, are scored by the same pycocotools call and
-write the same files. Images are held in memory at ``image_size`` x ``image_size`` (COCO images of other sizes are
+Every method of the lecture's progression - the region-based sliding window, R-CNN, SPP-net, Fast R-CNN, Faster
+R-CNN, R-FCN, then the single-shot YOLO and SSD - is one ``det/<method>`` model of this task, so all of them read the
+same data, are scored by the same pycocotools call and write the same files. Images are held in memory at ``image_size`` x ``image_size`` (COCO images of other sizes are
 resized); the model predicts in those pixels, and the scorer maps its boxes back to each image's original pixels
 before they are scored, so ``ap`` in metrics.json is exactly what pycocotools computes from ``predictions.json``
 against the validation json.
@@ -28,8 +28,8 @@ from ..data.transforms import Augmentation
 from ..errors import ConfigError
 from ..io import write_json
 from ..metrics import coco_eval, results_from_detections
-from ..models.detection import (fast_rcnn, faster_rcnn, rcnn, rfcn, sliding_window, spp_net,
-                                torchvision_reference)
+from ..models.detection import (fast_rcnn, faster_rcnn, rcnn, rfcn, sliding_window, spp_net, ssd,
+                                torchvision_reference, torchvision_ssd, yolo)
 from ..models.detection.proposers import SelectiveSearch, default_cache_dir
 from ..registry import register
 from .base import DataBundle, InMemorySet, Scorer, Task, image_tensor
@@ -171,8 +171,12 @@ DETECTORS = {
     "fast_rcnn": (fast_rcnn, "Fast R-CNN: shared features, RoI pooling of Selective Search regions, end to end"),
     "faster_rcnn": (faster_rcnn, "Faster R-CNN: a region proposal network on the shared features + Fast R-CNN"),
     "rfcn": (rfcn, "R-FCN: RPN + position-sensitive score maps, per-region work is pooling and voting"),
+    "yolo": (yolo, "YOLO: one S x S grid, B base boxes per cell, offsets + confidence + class scores in one pass"),
+    "ssd": (ssd, "SSD: default boxes on feature maps of several strides, hard-negative mining, one pass"),
     "torchvision_faster_rcnn": (torchvision_reference, "torchvision's own FasterRCNN on the same backbone "
                                                        "(reference for the benchmarks)"),
+    "torchvision_ssd": (torchvision_ssd, "torchvision's own SSD on det/ssd's backbone and default boxes "
+                                         "(reference for the benchmarks)"),
 }
 
 for _method, (_module, _description) in DETECTORS.items():

@@ -8,15 +8,15 @@ the same anchors (sizes and aspect ratios, one feature map). Everything else - t
 512 sampled RoIs per image, the 1024-wide two-layer box head, the loss normalisations - is torchvision's default,
 as a user would get it.
 
-The wrapper only adapts the calling conventions: our detectors take uint8 or [0, 1] float images and read crowd
+The wrapper, :class:`TorchvisionDetector`, only adapts the calling conventions, and is shared with every other
+torchvision reference (``det/torchvision_ssd``): our detectors take uint8 or [0, 1] float images and read crowd
 flags and precomputed proposals from the targets; torchvision takes [0, 1] float images, knows no crowd regions and
-computes losses in train mode only, so :meth:`TorchvisionFasterRCNN.training_losses` in eval mode returns ``{}``
+computes losses in train mode only, so :meth:`TorchvisionDetector.training_losses` in eval mode returns ``{}``
 (the engine then reports a NaN validation loss). torchvision's own ``GeneralizedRCNNTransform`` is this model's
 preprocessing stage.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -47,15 +47,16 @@ def _anchor_generator(config: dict) -> AnchorGenerator:
     return AnchorGenerator(tuple(sizes), (ratios,) * len(sizes))
 
 
-class TorchvisionFasterRCNN(DetsegModel):
-    """``torchvision.models.detection.FasterRCNN`` behind the model contract of this package's detectors.
+class TorchvisionDetector(DetsegModel):
+    """A ``torchvision.models.detection`` detector (FasterRCNN, SSD, ...) behind the model contract of this
+    package's detectors.
 
-    Training mode: ``model(images, targets)`` -> torchvision's four named losses (``proposals`` in the targets are
-    ignored: the RPN makes its own). Eval mode: ``model(images)`` -> per image ``{"boxes", "scores", "labels"}`` in
-    that image's pixels.
+    Training mode: ``model(images, targets)`` -> torchvision's named losses (``proposals`` in the targets are
+    ignored: torchvision's detectors make their own). Eval mode: ``model(images)`` -> per image
+    ``{"boxes", "scores", "labels"}`` in that image's pixels.
     """
 
-    def __init__(self, detector: FasterRCNN):
+    def __init__(self, detector: nn.Module):
         super().__init__()
         self.detector = detector
 
@@ -82,7 +83,10 @@ class TorchvisionFasterRCNN(DetsegModel):
         return self.detector([as_float_image(image) for image in images])
 
 
-def build(config: dict, info: dict) -> TorchvisionFasterRCNN:
+TorchvisionFasterRCNN = TorchvisionDetector      # the name this wrapper had when Faster R-CNN was its only user
+
+
+def build(config: dict, info: dict) -> TorchvisionDetector:
     """torchvision's FasterRCNN with our backbone, input size, normalisation and anchors; its defaults elsewhere."""
     backbone = build_detection_backbone(config)          # has ``out_channels``, which FasterRCNN requires
     levels = fpn_levels(config)
@@ -93,5 +97,5 @@ def build(config: dict, info: dict) -> TorchvisionFasterRCNN:
         rpn_anchor_generator=_anchor_generator(config),
         box_roi_pool=MultiScaleRoIAlign(list(levels or ["0"]), output_size=7, sampling_ratio=2),
     )
-    return TorchvisionFasterRCNN(detector)
+    return TorchvisionDetector(detector)
 
