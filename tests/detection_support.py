@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torchvision.ops import box_iou
 
 from detseg import registry
 from detseg.config import resolve
@@ -25,3 +26,30 @@ def scene_batch(indices, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, l
     pairs = [dataset[index] for index in indices]
     images = torch.stack([image.as_subclass(torch.Tensor) for image, _ in pairs])
     return images, [plain_target(target) for _, target in pairs]
+
+
+def fit(model: torch.nn.Module, images, targets: list[dict], steps: int, lr: float = 3e-3) -> tuple[float, float]:
+    """AdamW on one batch for ``steps`` steps; (first loss, last loss) - the overfit tests' loop."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    first = last = None
+    for _ in range(steps):
+        loss = sum(model(images, targets).values())
+        first = float(loss.detach()) if first is None else first
+        last = float(loss.detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return first, last
+
+
+def objects_found(detections: list[dict], targets: list[dict], min_score: float = 0.5,
+                  min_iou: float = 0.5) -> tuple[int, int]:
+    """(ground truths with a detection of their class above ``min_score`` at IoU > ``min_iou``, ground truths)."""
+    found = total = 0
+    for image, target in zip(detections, targets):
+        confident = image["scores"] > min_score
+        iou = box_iou(target["boxes"], image["boxes"][confident])                     # (G, D)
+        same_class = target["labels"][:, None] == image["labels"][confident][None]
+        found += int(((iou > min_iou) & same_class).any(dim=1).sum())
+        total += len(target["boxes"])
+    return found, total

@@ -1,9 +1,8 @@
 """Faster R-CNN and its region proposal network: the four losses, empty images, learning a few images."""
 import pytest
 import torch
-from torchvision.ops import box_iou
 
-from .detection_support import scene_batch, tiny_detector
+from .detection_support import fit, objects_found, scene_batch, tiny_detector
 
 
 def test_four_named_losses_and_empty_images_give_zero_box_losses():
@@ -33,27 +32,11 @@ def test_detections_have_the_contract_format():
 def test_faster_rcnn_overfits_a_few_images_and_finds_their_objects():
     images, targets = scene_batch(range(4), seed=3)
     model = tiny_detector("det/faster_rcnn", lr=0.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for step in range(120):
-        losses = model(images, targets)
-        loss = sum(losses.values())
-        first = float(loss) if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert float(loss) < 0.25 * first, (first, float(loss))
+    first, last = fit(model, images, targets, steps=120)
+    assert last < 0.25 * first, (first, last)
     model.eval()
     with torch.no_grad():
-        detections = model(images)
-    found = total = 0
-    for image, target in zip(detections, targets):
-        confident = image["scores"] > 0.5
-        total += len(target["boxes"])
-        if confident.any():
-            iou = box_iou(target["boxes"], image["boxes"][confident])
-            same_class = target["labels"][:, None] == image["labels"][confident][None]
-            found += int(((iou > 0.5) & same_class).any(dim=1).sum())
+        found, total = objects_found(model(images), targets)
     assert found >= 0.7 * total, (found, total)
 
 

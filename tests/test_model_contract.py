@@ -106,7 +106,7 @@ def test_models_never_import_tasks():
     assert int(result.stdout) == len(modules) > 20
 
 
-LECTURE_ORDER = ("sliding_window", "rcnn", "spp_net", "fast_rcnn", "faster_rcnn", "rfcn")
+LECTURE_ORDER = ("sliding_window", "rcnn", "spp_net", "fast_rcnn", "faster_rcnn", "rfcn", "yolo", "ssd")
 
 
 def test_no_detection_method_imports_a_later_one():

@@ -9,24 +9,12 @@ from torchvision.ops import box_iou
 from detseg.errors import ConfigError
 from detseg.models.detection.ssd import DefaultBoxes, batched_box_iou, hard_negatives, match_default_boxes
 
-from .detection_support import scene_batch, tiny_detector
+from .detection_support import fit, objects_found, scene_batch, tiny_detector
 
 SIZES, RATIOS = (10, 20, 40, 80, 128), [(1.0, 2.0, 0.5)] * 4
 MAPS = [(16, 16), (8, 8), (4, 4), (2, 2)]           # the tiny backbone's stride 8 and three extra levels, at 128 px
 EMPTY = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
          "iscrowd": torch.zeros(0, dtype=torch.long)}
-
-
-def objects_found(detections, targets, min_score=0.5, min_iou=0.5) -> tuple[int, int]:
-    """(ground truths with a confident detection of their class at IoU > min_iou, ground truths)."""
-    found = total = 0
-    for image, target in zip(detections, targets):
-        confident = image["scores"] > min_score
-        iou = box_iou(target["boxes"], image["boxes"][confident])                     # (G, D)
-        same_class = target["labels"][:, None] == image["labels"][confident][None]
-        found += int(((iou > min_iou) & same_class).any(dim=1).sum())
-        total += len(target["boxes"])
-    return found, total
 
 
 def _sides(boxes):
@@ -122,15 +110,8 @@ def test_an_image_without_objects_gives_a_finite_loss_and_trains_the_background(
 def test_ssd_overfits_a_few_scenes_and_finds_their_objects():
     images, targets = scene_batch(range(4), seed=3)
     model = tiny_detector("det/ssd", box_sizes="7,16,32,56,72")     # the default sizes halved, for 64 px scenes
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(100):
-        loss = sum(model(images, targets).values())
-        first = float(loss.detach()) if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert float(loss.detach()) < 0.1 * first, (first, float(loss.detach()))
+    first, last = fit(model, images, targets, steps=100)
+    assert last < 0.1 * first, (first, last)
     model.eval()
     with torch.no_grad():
         found, total = objects_found(model(images), targets)

@@ -7,7 +7,7 @@ from torchvision.ops import box_iou
 
 from detseg.errors import ConfigError
 
-from .detection_support import scene_batch, tiny_detector
+from .detection_support import fit, objects_found, scene_batch, tiny_detector
 
 BASE = "16x16,8x24,24x8"          # square, tall, wide; at 64 px and stride 8 the grid is 8 x 8, cells 8 px wide
 SIZE = (64, 64)
@@ -123,27 +123,11 @@ def test_an_image_without_objects_has_only_the_no_object_term_and_trains():
 def test_yolo_overfits_a_few_images_and_finds_their_objects():
     images, targets = scene_batch(range(4), seed=3)
     model = tiny_detector("det/yolo", lr=0.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for step in range(100):
-        losses = model(images, targets)
-        loss = sum(losses.values())
-        first = float(loss.detach()) if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert float(loss.detach()) < 0.1 * first, (first, float(loss.detach()))
+    first, last = fit(model, images, targets, steps=100)
+    assert last < 0.1 * first, (first, last)
     model.eval()
     with torch.no_grad():
-        detections = model(images)
-    found = total = 0
-    for image, target in zip(detections, targets):
-        confident = image["scores"] > 0.3
-        total += len(target["boxes"])
-        if confident.any():
-            iou = box_iou(target["boxes"], image["boxes"][confident])
-            same_class = target["labels"][:, None] == image["labels"][confident][None]
-            found += int(((iou > 0.5) & same_class).any(dim=1).sum())
+        found, total = objects_found(model(images), targets, min_score=0.3)
     assert found >= 0.8 * total, (found, total)
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from ...config import Option
 from ...ops.boxes import clip_and_filter
 from ..base import DetsegModel, Images, ImageTransform
+from .generalized import Postprocess
 
 SINGLE_SHOT_OPTIONS = {
     "score_thresh": Option(0.05, "detections below this score are dropped", min=0, max=1),
@@ -40,18 +41,16 @@ SINGLE_SHOT_OPTIONS = {
 
 
 @dataclass
-class SingleShotPostprocess:
-    """How dense scores become detections: threshold, best ``pre_nms`` candidates, per-class NMS, best 100."""
+class SingleShotPostprocess(Postprocess):
+    """The region-based detectors' post-processing (threshold, per-class NMS, best 100) with a cap before NMS: a
+    dense head scores every (predictor, class) pair, and only the best ``pre_nms`` above the threshold reach NMS."""
 
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
     pre_nms: int = 400
-    detections_per_image: int = 100
-    min_size: float = 1.0
 
     @classmethod
     def from_config(cls, config: dict) -> "SingleShotPostprocess":
-        return cls(config["score_thresh"], config["nms_thresh"], config["pre_nms"], config["detections_per_image"])
+        return cls(score_thresh=config["score_thresh"], nms_thresh=config["nms_thresh"],
+                   detections_per_image=config["detections_per_image"], pre_nms=config["pre_nms"])
 
 
 class SingleShotDetector(DetsegModel):
