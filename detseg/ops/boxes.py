@@ -132,6 +132,21 @@ class Matcher:
         matches[promote] = best_for_gt[promote]
 
 
+def broadcast_box_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """IoU of corresponding xyxy boxes, broadcasting: ``(..., 4), (..., 4) -> (...)``. ``box_iou`` pairs every box
+    with every box of two flat lists; this pairs box ``i`` with box ``i`` (a prediction with its ground truth) and,
+    with added axes, batches of lists (``(N, G, 1, 4), (1, 1, P, 4) -> (N, G, P)``). Degenerate boxes count as
+    area 0, so a zero padding box has IoU 0 with everything."""
+    width = (torch.min(first[..., 2], second[..., 2]) - torch.max(first[..., 0], second[..., 0])).clamp(min=0)
+    height = (torch.min(first[..., 3], second[..., 3]) - torch.max(first[..., 1], second[..., 1])).clamp(min=0)
+    intersection = width * height
+    return intersection / (_area(first) + _area(second) - intersection).clamp(min=1e-9)
+
+
+def _area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
 def box_intersection_over_area(proposals: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     """Fraction of each proposal's area inside each region: ``(P, 4), (R, 4) -> (P, R)`` in [0, 1]."""
     top_left = torch.max(proposals[:, None, :2], regions[None, :, :2])                 # (P, R, 2)

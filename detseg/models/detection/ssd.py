@@ -43,7 +43,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ...config import Option, number_list
 from ...errors import ConfigError
 from ...ops.anchors import anchor_shapes, flatten_head_output, grid_anchors
-from ...ops.boxes import decode_box_deltas, encode_box_deltas
+from ...ops.boxes import broadcast_box_iou, decode_box_deltas, encode_box_deltas
 from ..backbones import conv_bn_relu
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone
 from .single_shot import SINGLE_SHOT_OPTIONS, SingleShotDetector, SingleShotPostprocess
@@ -226,13 +226,7 @@ class SSDHead(nn.Module):
 def batched_box_iou(gt_boxes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """IoU of every image's ground truths with the default boxes: ``(N, G, 4), (P, 4) -> (N, G, P)``.
     Padding rows (zero boxes) get IoU 0."""
-    gt, boxes = gt_boxes[:, :, None, :], boxes[None, None]                             # (N, G, 1, 4), (1, 1, P, 4)
-    top_left = torch.max(gt[..., :2], boxes[..., :2])
-    bottom_right = torch.min(gt[..., 2:], boxes[..., 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=-1)                 # (N, G, P)
-    gt_area = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
-    box_area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    return intersection / (gt_area + box_area - intersection).clamp(min=1e-6)
+    return broadcast_box_iou(gt_boxes[:, :, None, :], boxes[None, None])
 
 
 def match_default_boxes(iou: torch.Tensor, valid: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -85,6 +85,7 @@ from torch import nn
 
 from ...config import Option
 from ...errors import ConfigError
+from ...ops.boxes import broadcast_box_iou
 from ..backbones import conv_bn_relu
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone, uses_fpn
 from .single_shot import SINGLE_SHOT_OPTIONS, SingleShotDetector, SingleShotPostprocess
@@ -175,18 +176,6 @@ def centred_shape_iou(sizes: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor
     return inter / (sizes.prod(1)[:, None] + shapes.prod(1)[None] - inter)
 
 
-def paired_iou(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """IoU of corresponding xyxy boxes, ``(..., 4), (..., 4) -> (...)`` (broadcasting, not all pairs)."""
-    width = (torch.min(first[..., 2], second[..., 2]) - torch.max(first[..., 0], second[..., 0])).clamp(min=0)
-    height = (torch.min(first[..., 3], second[..., 3]) - torch.max(first[..., 1], second[..., 1])).clamp(min=0)
-    inter = width * height
-    return inter / (_area(first) + _area(second) - inter).clamp(min=1e-9)
-
-
-def _area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
-
-
 def best_overlap(predicted: torch.Tensor, targets: list[dict]) -> torch.Tensor:
     """Each predicted box's highest IoU with its image's ground truth: ``(N, ..., 4) -> (N, ...)`` (0 without any)."""
     most = max(1, max(len(t["boxes"]) for t in targets))
@@ -194,7 +183,7 @@ def best_overlap(predicted: torch.Tensor, targets: list[dict]) -> torch.Tensor:
     for index, target in enumerate(targets):
         padded[index, :len(target["boxes"])] = target["boxes"].to(padded)
     flat = predicted.reshape(len(targets), -1, 1, 4)
-    overlap = paired_iou(flat, padded[:, None]).amax(dim=2)                    # (N, P, G_max) -> (N, P)
+    overlap = broadcast_box_iou(flat, padded[:, None]).amax(dim=2)                # (N, P, G_max) -> (N, P)
     return overlap.reshape(predicted.shape[:-1])
 
 
@@ -299,7 +288,7 @@ class Yolo(SingleShotDetector):
 
         preference = centred_shape_iou(sizes, self.base_boxes)                                        # (G, B)
         if self.responsible == "predicted":
-            overlap = paired_iou(predicted[image, row, col], boxes[:, None])                          # (G, B)
+            overlap = broadcast_box_iou(predicted[image, row, col], boxes[:, None])                      # (G, B)
             preference = overlap + 1e-3 * preference          # shape only breaks ties (no overlap at all)
         cell = (image * rows + row) * cols + col
         base, first = assign_base_boxes(cell, sizes.prod(1), preference, batch * rows * cols)
@@ -332,7 +321,7 @@ class Yolo(SingleShotDetector):
             torch.exp(0.5 * values[:, 2:4].clamp(-SIZE_CLAMP, SIZE_CLAMP))           # sqrt(p e^t / image side)
         coord = self.lambda_coord * ((offsets - grid.offsets).pow(2).sum() +
                                      (sqrt_sizes - grid.sqrt_sizes).pow(2).sum())
-        iou = paired_iou(predicted[owner].detach(), grid.boxes)
+        iou = broadcast_box_iou(predicted[owner].detach(), grid.boxes)
         objectness = (confidence[owner] - iou).pow(2).sum()
 
         if self.per_box_classes:
