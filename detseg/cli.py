@@ -6,6 +6,7 @@ exits with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import traceback
 
@@ -63,13 +64,31 @@ def data_group() -> None:
     """Make data sets."""
 
 
+class _SceneSize(click.ParamType):
+    """``128`` (a square side) or ``WxH`` (``640x480``: width x height), each side 32..2048 px."""
+
+    name = "PX|WxH"
+
+    def convert(self, value, param, ctx) -> int | tuple[int, int]:
+        if isinstance(value, int):
+            sides = [value]
+        else:
+            match = re.fullmatch(r"\s*([0-9]+)(?:[xX]([0-9]+))?\s*", str(value))
+            sides = [int(side) for side in match.groups() if side is not None] if match else []
+        if not sides or not all(32 <= side <= 2048 for side in sides):
+            self.fail(f"{value!r}: expected a side like 128 or WIDTHxHEIGHT like 640x480, each side 32..2048",
+                      param, ctx)
+        return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
 @data_group.command("scenes")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--train", "n_train", default=1000, show_default=True, type=click.IntRange(min=0))
 @click.option("--val", "n_val", default=200, show_default=True, type=click.IntRange(min=0))
-@click.option("--size", default=128, show_default=True, type=click.IntRange(min=32, max=2048), help="Image side.")
+@click.option("--size", default=128, show_default=True, type=_SceneSize(),
+              help="Image side (square) or WIDTHxHEIGHT, e.g. 640x480.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def data_scenes(out: str, n_train: int, n_val: int, size: int, seed: int) -> None:
+def data_scenes(out: str, n_train: int, n_val: int, size: int | tuple[int, int], seed: int) -> None:
     """Write the built-in scenes data set as COCO json + PNG images + PNG semantic maps."""
     from .data.export import write_scenes
 

@@ -35,9 +35,10 @@ def write_coco(source: Source, out_dir: str | os.PathLike, split_name: str, prog
     return json_path
 
 
-def write_scenes(out_dir: str | os.PathLike, train: int = 1000, val: int = 200, size: int = 128, seed: int = 0,
-                 progress: bool = True) -> dict:
-    """Generate the scenes data set: ``train`` and ``val`` images (val drawn with split="val", so it differs).
+def write_scenes(out_dir: str | os.PathLike, train: int = 1000, val: int = 200, size: int | tuple[int, int] = 128,
+                 seed: int = 0, progress: bool = True) -> dict:
+    """Generate the scenes data set: ``train`` and ``val`` images (val drawn with split="val", so it differs), square
+    ``size`` px or ``size=(width, height)``.
 
     A split with 0 images is not written. Returns ``{"out_dir": Path, "<split>": {"json": Path, "images": int,
     "annotations": int}, ...}`` for the splits written.
@@ -86,7 +87,8 @@ def _source_info(source: Source) -> dict:
     if not isinstance(source, ScenesSource):
         return {}
     small, large = area_thresholds(source.size)
-    return {"generator": "detseg scenes", "size": source.size, "seed": source.seed, "split": source.split,
+    return {"generator": "detseg scenes", "size": source.size, "width": source.width, "height": source.height,
+            "seed": source.seed, "split": source.split,
             "single_object": source.single_object, "centered": source.centered, "max_objects": source.max_objects,
             # The size words' area limits, for COCOeval's areaRng (COCO's own 32²/96² suit ~640 px images).
             "area_ranges": {"small": [0.0, small], "medium": [small, large], "large": [large, 1e10]}}

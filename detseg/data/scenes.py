@@ -8,9 +8,13 @@ The semantic map is the category id of each pixel's owner, so it equals painting
 Conventions (also what tests check):
 
 - category id == semantic class id; 0 is background; ids 1..6 are shapes, 7 is ``person``.
+- ``size`` is one side (square images, the default 128) or ``(width, height)``. Object sizes, the minimum visible
+  area and background patterns scale with the short side, so every object fits however the image is oriented and a
+  square image is exactly what it always was; positions span the whole width and height.
 - Size words ``small``/``medium``/``large`` use the *visible* area against COCO's 32² / 96² thresholds rescaled from
-  a 256 px reference image to this image size (:func:`area_thresholds`; at 128 px: 16² and 48²). Evaluations that
-  report AP small/medium/large on scenes should pass the same ranges to COCOeval's ``areaRng``.
+  a 256 px reference image to this image size (:func:`area_thresholds`; at 128 px: 16² and 48²; a W x H image counts
+  as a square of the same area, side sqrt(W * H)). Evaluations that report AP small/medium/large on scenes should
+  pass the same ranges to COCOeval's ``areaRng``.
 - Only ``person`` annotations carry ``keypoints`` (14 LSP joints, flat [x, y, v] with x, y the joint's pixel index)
   and ``num_keypoints``; other annotations have neither key. v=2: the joint's pixel is in the visible mask; v=1:
   inside the image but covered by a later object; v=0: outside the image (stored as 0, 0, 0).
@@ -54,14 +58,16 @@ PLACEMENT_ATTEMPTS = 8            # tries to place an object before giving up on
 MIN_VISIBLE_FRACTION = 0.4        # an earlier object keeps at least this share of its pixels visible
 
 
-def area_thresholds(size: int) -> tuple[float, float]:
-    """Visible-area limits (small below the first, large above the second) for a ``size`` px image."""
-    scale = size / 256
+def area_thresholds(size: int | tuple[int, int]) -> tuple[float, float]:
+    """Visible-area limits (small below the first, large above the second) for a ``size`` px image, or a
+    ``(width, height)`` one taken as the square of the same area (side sqrt(W * H))."""
+    side = math.sqrt(size[0] * size[1]) if isinstance(size, (tuple, list)) else size
+    scale = side / 256
     return (32 * scale) ** 2, (96 * scale) ** 2
 
 
-def size_word(area: float, size: int) -> str:
-    """``small``/``medium``/``large`` for a visible area in a ``size`` px image."""
+def size_word(area: float, size: int | tuple[int, int]) -> str:
+    """``small``/``medium``/``large`` for a visible area in a ``size`` px (or ``(width, height)``) image."""
     small, large = area_thresholds(size)
     return "small" if area < small else ("medium" if area <= large else "large")
 
@@ -92,15 +98,18 @@ class Scene:
 class ScenesSource:
     """Synthetic scenes as a :class:`detseg.data.records.Source`.
 
+    ``size`` is the side of square images or ``(width, height)``. ``self.size`` keeps it as given, an int for a
+    square (``(S, S)`` becomes ``S``: the same scenes); ``self.width`` and ``self.height`` are set for every source.
     ``single_object=True`` gives exactly one medium or large object fully inside the image (classes balanced),
-    placed anywhere or, with ``centered=True``, centred — for classification, localization and pose.
+    placed anywhere or, with ``centered=True``, centred — for classification, localization and pose. (Beyond about
+    4:1 the short side bounds that object and the size words, taken at side sqrt(W * H), may call it small.)
     """
 
-    def __init__(self, num_images: int, size: int = 128, seed: int = 0, split: str = "train",
+    def __init__(self, num_images: int, size: int | tuple[int, int] = 128, seed: int = 0, split: str = "train",
                  single_object: bool = False, centered: bool = False, max_objects: int = 8,
                  category_ids: tuple[int, ...] | None = None):
         _check_int("num_images", num_images, 0)
-        _check_int("size", size, 16)
+        self.width, self.height = _check_size(size)
         _check_int("max_objects", max_objects, 1, 99)          # annotation id = image_id * 100 + k
         _check_int("seed", seed, 0)
         if not isinstance(split, str) or not split:
@@ -112,13 +121,15 @@ class ScenesSource:
             raise ConfigError(f"scenes: category_ids={category_ids!r} needs single_object=True and ids in "
                               f"{sorted(known)}")
         self.category_ids = tuple(category_ids) if category_ids else None
-        self.num_images, self.size, self.seed, self.split = num_images, size, seed, split
+        self.size = self.width if self.width == self.height else (self.width, self.height)
+        self.num_images, self.seed, self.split = num_images, seed, split
         self.single_object, self.centered, self.max_objects = single_object, centered, max_objects
         self._split_code = zlib.crc32(split.encode())          # stable across runs and processes, unlike hash()
-        self._min_visible = max(6, round(20 * (size / 128) ** 2))
+        self._side = min(self.width, self.height)              # what object sizes scale with
+        self._min_visible = max(6, round(20 * (self._side / 128) ** 2))
         self.categories = copy.deepcopy(SCENE_CATEGORIES)           # callers may edit theirs
-        self.images = [{"id": i + 1, "file_name": f"{split}/{i + 1:06d}.png", "width": size, "height": size}
-                       for i in range(num_images)]
+        self.images = [{"id": i + 1, "file_name": f"{split}/{i + 1:06d}.png", "width": self.width,
+                        "height": self.height} for i in range(num_images)]
 
     def __len__(self) -> int:
         return self.num_images
@@ -129,8 +140,8 @@ class ScenesSource:
         if not 0 <= index < self.num_images:
             raise IndexError(f"scene index {index} out of range 0..{self.num_images - 1}")
         rng = np.random.default_rng([self.seed, self._split_code, index])
-        background = draw_background(rng, self.size)                                 # (S, S, 3) float32
-        owner = np.zeros((self.size, self.size), dtype=np.uint8)
+        background = draw_background(rng, self.width, self.height)                   # (H, W, 3) float32
+        owner = np.zeros((self.height, self.width), dtype=np.uint8)
         visible: list[int] = []                # pixels each object still owns
         objects: list[SceneObject] = []
         count = 1 if self.single_object else int(rng.integers(1, self.max_objects + 1))
@@ -153,7 +164,7 @@ class ScenesSource:
 
     def _make_outline(self, rng: np.random.Generator, category_id: int, shrink: float):
         """A randomly sized and rotated outline. Shapes are sized by target area (log-uniform), people by height."""
-        s = self.size
+        s = self._side
         if category_id == PERSON_ID:
             low, high = (0.5 * s, 0.9 * s) if self.single_object else (max(0.14 * s, 10.0), 0.62 * s)
             height = _log_uniform(rng, low, high) * shrink
@@ -174,12 +185,12 @@ class ScenesSource:
         The first object of a scene always lies fully inside, so every scene has at least one object.
         """
         x0, y0, x1, y1 = bounds
-        last = self.size - 1
+        last_x, last_y = self.width - 1, self.height - 1
         if self.centered:
-            return np.array([last / 2 - (x0 + x1) / 2, last / 2 - (y0 + y1) / 2])
+            return np.array([last_x / 2 - (x0 + x1) / 2, last_y / 2 - (y0 + y1) / 2])
         slack = 0.0 if self.single_object or first or rng.random() < SCENE_FULLY_INSIDE else 0.3
         offset = []
-        for lo_edge, hi_edge in ((x0, x1), (y0, y1)):
+        for lo_edge, hi_edge, last in ((x0, x1, last_x), (y0, y1, last_y)):
             lo, hi = -lo_edge - slack * (hi_edge - lo_edge), last - hi_edge + slack * (hi_edge - lo_edge)
             offset.append(rng.uniform(lo, hi) if lo <= hi else (lo + hi) / 2)
         return np.array(offset)
@@ -248,6 +259,20 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return math.exp(rng.uniform(math.log(low), math.log(max(low, high))))
 
 
+def _check_size(size) -> tuple[int, int]:
+    """(width, height) from one side (a square) or a (width, height) pair; every side at least 16 px."""
+    sides = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    try:
+        if len(sides) != 2:
+            raise ConfigError("two sides")
+        for side in sides:
+            _check_int("size", side, 16)
+    except ConfigError:
+        raise ConfigError(f"scenes: size must be an integer >= 16 or a (width, height) pair of them "
+                          f"(got {size!r})") from None
+    return int(sides[0]), int(sides[1])
+
+
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
             (high is not None and value > high):
@@ -268,32 +293,35 @@ def _keypoints(joints: np.ndarray, owner: np.ndarray, owner_id: int) -> list[int
 
 
 # -------------------------------------------------------------------------------------------------------- captions
-def _describe(obj: SceneObject, area: int, size: int) -> str:
+def _describe(obj: SceneObject, area: int, size: int | tuple[int, int]) -> str:
     if obj.category_id == PERSON_ID:
         return f"{size_word(area, size)} person in {obj.colour_name}"
     return f"{size_word(area, size)} {obj.colour_name} {SHAPES[obj.category_id - 1]}"
 
 
-def _absolute_position(cx: float, cy: float, size: int) -> str:
-    column = ("left", "center", "right")[min(int(3 * cx / size), 2)]
-    row = ("top", "middle", "bottom")[min(int(3 * cy / size), 2)]
+def _absolute_position(cx: float, cy: float, width: int, height: int) -> str:
+    column = ("left", "center", "right")[min(int(3 * cx / width), 2)]
+    row = ("top", "middle", "bottom")[min(int(3 * cy / height), 2)]
     if row == "middle":
         return "in the center" if column == "center" else f"on the {column}"
     return f"at the {row}" if column == "center" else f"in the {row} {column}"
 
 
-def _captions(objects: list[SceneObject], boxes, areas, masks: np.ndarray, size: int) -> list[str]:
+def _captions(objects: list[SceneObject], boxes, areas, masks: np.ndarray, size: int | tuple[int, int]) -> list[str]:
     """One true sentence per object: size, colour, shape, and where it is relative to its nearest neighbour.
+
+    ``size`` is the image's (for the size words); thirds of the width and height name absolute positions.
 
     When one was drawn over part of the other and their visible masks still touch, the relation is "in front of" /
     "behind"; otherwise it is the dominant direction between their visible boxes' centres ("left of", "above", ...).
     """
     centres = np.array([[x + w / 2, y + h / 2] for x, y, w, h in boxes])              # (N, 2)
+    height, width = masks.shape[1:]                                                   # masks (N, H, W)
     captions = []
     for i, obj in enumerate(objects):
         text = _describe(obj, areas[i], size)
         if len(objects) == 1:
-            captions.append(f"{text} {_absolute_position(*centres[i], size)}")
+            captions.append(f"{text} {_absolute_position(*centres[i], width, height)}")
             continue
         distances = ((centres - centres[i]) ** 2).sum(axis=1)
         distances[i] = np.inf
@@ -308,7 +336,7 @@ def _captions(objects: list[SceneObject], boxes, areas, masks: np.ndarray, size:
         elif dy != 0:
             relation = "above" if dy < 0 else "below"
         else:
-            captions.append(f"{text} {_absolute_position(*centres[i], size)}")
+            captions.append(f"{text} {_absolute_position(*centres[i], width, height)}")
             continue
         captions.append(f"{text} {relation} a {_describe(objects[j], areas[j], size)}")
     return captions
@@ -322,14 +350,14 @@ def _visibly_occludes(objects: list[SceneObject], masks: np.ndarray, front: int,
     return bool(np.any(grown & masks[back]))
 
 
-def render_single_object_images(n: int, size: int, seed: int = 0, split: str = "train",
+def render_single_object_images(n: int, size: int | tuple[int, int], seed: int = 0, split: str = "train",
                                 centered: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``n`` single-object scenes for image classification, rendered directly at ``size`` px.
+    """``n`` single-object scenes for image classification, rendered directly at ``size`` px (or (width, height)).
 
     Returns images (N, H, W, 3) uint8, labels (N,) int64 with label = category_id - 1, and the class names.
     """
     source = ScenesSource(n, size=size, seed=seed, split=split, single_object=True, centered=centered)
-    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    images = np.zeros((n, source.height, source.width, 3), dtype=np.uint8)
     labels = np.zeros(n, dtype=np.int64)
     for index in range(n):
         scene = source.render(index)

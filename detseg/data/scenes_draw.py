@@ -2,8 +2,8 @@
 
 Everything here is plain geometry drawn with OpenCV with antialiasing *off* (``LINE_8``), so a mask drawn once is the
 exact set of pixels the object paints: the image, the instance masks, the boxes and the semantic map all come from the
-same drawing and can never disagree. Sizes are sampled relative to the image side, so a scene generator asks for
-"an object of this extent" and the outline works in pixels.
+same drawing and can never disagree. Sizes are sampled relative to the image's short side, so a scene generator asks
+for "an object of this extent" and the outline works in pixels.
 
 Keypoint convention: a joint's (x, y) is the *pixel index* (column, row) of the pixel that holds it, like COCO's own
 integer keypoints; every joint pixel is part of the person's full (unoccluded) mask.
@@ -60,10 +60,10 @@ def pick_colour(rng: np.random.Generator, references: list[np.ndarray]) -> tuple
 # Backgrounds: something for a detector to learn to ignore. Kept at low contrast so objects stay clearly visible.
 
 @functools.lru_cache(maxsize=8)
-def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Column and row index of every pixel, (S, S) float32 each, centred on the image middle."""
-    coords = np.arange(size, dtype=np.float32) - (size - 1) / 2
-    return np.meshgrid(coords, coords)
+def _pixel_grid(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column and row index of every pixel, (H, W) float32 each, centred on the image middle."""
+    return np.meshgrid(np.arange(width, dtype=np.float32) - (width - 1) / 2,
+                       np.arange(height, dtype=np.float32) - (height - 1) / 2)
 
 
 def _base_colour(rng: np.random.Generator) -> np.ndarray:
@@ -71,27 +71,31 @@ def _base_colour(rng: np.random.Generator) -> np.ndarray:
     return np.clip(rng.uniform(35, 220) + rng.normal(0, 18, size=3), 0, 255).astype(np.float32)
 
 
-def draw_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """One random background, (S, S, 3) float32: flat, linear gradient, stripes, checker or blotchy noise.
+def draw_background(rng: np.random.Generator, width: int, height: int | None = None) -> np.ndarray:
+    """One random background, (H, W, 3) float32 (square when ``height`` is omitted): flat, linear gradient,
+    stripes, checker or blotchy noise.
 
-    Each is a base colour plus a scalar pattern (S, S) times a per-channel strength. Values may leave 0..255 by a
+    Each is a base colour plus a scalar pattern (H, W) times a per-channel strength. Values may leave 0..255 by a
     little; the final noise step clips. Per-pixel sensor noise comes later over the whole image (objects included),
-    so a flat background still has texture.
+    so a flat background still has texture. Pattern periods follow the short side, like the objects' sizes; the
+    gradient spans at most +-60 along the long side. A square image draws exactly what it always did.
     """
+    height = width if height is None else height
+    short, long = min(width, height), max(width, height)
     base = _base_colour(rng)
     kind = rng.integers(5)
     if kind == 0:                                                       # flat
-        background = np.empty((size, size, 3), dtype=np.float32)
+        background = np.empty((height, width, 3), dtype=np.float32)
         background[:] = base
         return background
-    xs, ys = _pixel_grid(size)
+    xs, ys = _pixel_grid(width, height)
     cos, sin = math.cos(angle := rng.uniform(0, 2 * math.pi)), math.sin(angle)
-    along = cv2.addWeighted(xs, cos, ys, sin, 0)                        # (S, S) distance along a random direction
+    along = cv2.addWeighted(xs, cos, ys, sin, 0)                        # (H, W) distance along a random direction
     if kind == 1:                                                       # linear gradient, up to +-60 across
-        pattern, strength = along, rng.uniform(-60, 60, size=3) / size
+        pattern, strength = along, rng.uniform(-60, 60, size=3) / long
     else:
         amplitude = rng.uniform(7, 20)
-        period = size * rng.uniform(0.04, 0.14)
+        period = short * rng.uniform(0.04, 0.14)
         if kind == 2:                                                   # stripes, soft or hard edged
             pattern = np.sin(along * np.float32(2 * math.pi / period))
             if rng.random() < 0.5:
@@ -101,30 +105,35 @@ def draw_background(rng: np.random.Generator, size: int) -> np.ndarray:
             cells = np.floor(along / np.float32(period)) + np.floor(across / np.float32(period))
             pattern = 1 - 2 * (cells.astype(np.int32) & 1).astype(np.float32)
         else:                                                           # blotches: coarse noise, smoothly upsampled
-            coarse = rng.normal(0, 1, size=(int(rng.integers(3, 9)),) * 2).astype(np.float32)
-            pattern = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+            cells = int(rng.integers(3, 9))                             # per short side, so blotches stay round
+            coarse = rng.normal(0, 1, size=(round(cells * height / short), round(cells * width / short)))
+            pattern = cv2.resize(coarse.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
             amplitude *= 1.5
         strength = amplitude * (1 + rng.normal(0, 0.2, size=3))        # slightly tinted
-    # background[..., c] = strength[c] * pattern + base[c], in one pass: (S, S) -> (S, S, 3)
+    # background[..., c] = strength[c] * pattern + base[c], in one pass: (H, W) -> (H, W, 3)
     affine = np.stack([strength, base], axis=1).astype(np.float32)      # (3, 2)
     return cv2.transform(pattern.astype(np.float32, copy=False), affine)
 
 
 @functools.lru_cache(maxsize=4)
-def _noise_bank(size: int) -> np.ndarray:
-    """A fixed (3S, 3S, 3) float32 field of standard normal noise; each image reads a random window of it.
+def _noise_bank(width: int, height: int) -> np.ndarray:
+    """A fixed (H + 2s, W + 2s, 3) float32 field of standard normal noise (s the short side); each image reads a
+    random H x W window of it.
 
-    Drawing 3 * S * S fresh normals per image would be the single most expensive step of a scene; a random window of
+    Drawing 3 * H * W fresh normals per image would be the single most expensive step of a scene; a random window of
     a fixed field looks the same and costs a slice. Seeded, so scenes stay a pure function of their own seed.
     """
-    return np.random.default_rng(size).standard_normal((3 * size, 3 * size, 3), dtype=np.float32)
+    short = min(width, height)
+    return np.random.default_rng(short).standard_normal((height + 2 * short, width + 2 * short, 3),
+                                                         dtype=np.float32)
 
 
 def add_sensor_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """``image`` (S, S, 3) float32 plus Gaussian noise of a random strength, clipped and returned as uint8."""
-    size = image.shape[0]
-    x, y = rng.integers(0, 2 * size, size=2)
-    noisy = cv2.scaleAdd(_noise_bank(size)[y:y + size, x:x + size], float(rng.uniform(2, 9)), image)
+    """``image`` (H, W, 3) float32 plus Gaussian noise of a random strength, clipped and returned as uint8."""
+    height, width = image.shape[:2]
+    x, y = rng.integers(0, 2 * min(width, height), size=2)
+    window = _noise_bank(width, height)[y:y + height, x:x + width]
+    noisy = cv2.scaleAdd(window, float(rng.uniform(2, 9)), image)
     return np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
 
 
