@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -69,6 +70,7 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
           resume: bool = False, overrides: Mapping[str, Any] | Iterable[str] | None = None,
           progress: bool = True, verbose: bool = True) -> dict[str, float]:
     """Train ``model_name`` and write a run directory; returns the final metrics (also in metrics.json)."""
+    started = time.perf_counter()
     entry = registry.get(model_name)
     if overrides is not None and not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
@@ -122,13 +124,31 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
     elif verbose and rank == 0:
         print(f"training {model_name} ({_count_params(model):,} parameters) on {len(bundle.train)} examples, "
               f"validating on {len(bundle.val)}; run directory {run_dir}", flush=True)
+    if verbose and rank == 0:
+        def first_step() -> None:   # how long a user waited for training to start: data opened, model built
+            print(f"first training step done {time.perf_counter() - started:.1f} s after train() started",
+                  flush=True)
+        trainer.on_first_step = first_step
     try:
         fit(trainer, run_dir, verbose=verbose)
         metrics = finish(trainer, run_dir, build_model, _count_params(model), verbose=verbose) if rank == 0 else {}
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        _report_skipped(bundle)
     return metrics
+
+
+def _report_skipped(bundle) -> None:
+    """The count promised by ``skip_bad_images``: image files that failed to decode and were left out."""
+    skipped = {split: getattr(data, "skipped", 0) for split, data in (("train", bundle.train), ("val", bundle.val))}
+    if any(skipped.values()):
+        names = [name for data in (bundle.train, bundle.val) if hasattr(data, "skipped_files")
+                 for name in data.skipped_files()]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        print(f"skipped {sum(skipped.values())} images that could not be decoded (train {skipped['train']}, val "
+              f"{skipped['val']}): {shown}; skip_bad_images=false stops on the first instead",
+              file=sys.stderr, flush=True)
 
 
 def load(checkpoint: str | Path, device: str = "cpu",

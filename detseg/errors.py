@@ -18,8 +18,12 @@ class ConfigError(DetsegError):
 class DataError(DetsegError):
     """Malformed data: names the file and, where known, the image/annotation id, the field and the bad value."""
 
-    def __init__(self, file, message: str, *, ann_id=None, image_id=None, field: str | None = None,
+    def __init__(self, file, message: str | None = None, *, ann_id=None, image_id=None, field: str | None = None,
                  value=None):
+        if message is None:   # one argument: the whole text, e.g. rebuilt by a DataLoader from a worker's error
+            super().__init__(_last_line_of_traceback(str(file)))
+            self.file, self.ann_id, self.image_id, self.field, self.value = None, None, None, None, None
+            return
         where = [str(file)]
         if image_id is not None:
             where.append(f"image id {image_id}")
@@ -35,3 +39,13 @@ class DataError(DetsegError):
             text += f" (got {shown})"
         super().__init__(text)
         self.file, self.ann_id, self.image_id, self.field, self.value = file, ann_id, image_id, field, value
+
+
+def _last_line_of_traceback(text: str) -> str:
+    """A DataLoader re-raises a worker's exception with the worker's whole traceback as its message; the user's
+    one line is the traceback's last, after the exception's name."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        return last.split("Error: ", 1)[1] if "Error: " in last else last
+    return text

@@ -104,17 +104,34 @@ def test_bad_detection_input_is_one_clear_line(tmp_path, cli, scenes_files):
     assert result.returncode == 2 and "anchor_scales" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_metrics_map_model_input_boxes_back_to_the_original_pixels(tmp_path, scenes_files):
-    """An oracle that returns the true boxes in model-input pixels (48 px) of 64 px validation images scores AP 1:
-    the scorer's mapping to the original pixels is exact, and metrics.json's AP is pycocotools' own."""
+@pytest.fixture(scope="module")
+def wide_scenes_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wide")
+    from detseg.data.export import write_scenes
+    write_scenes(out, train=4, val=6, size=(96, 64), seed=0, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("files, knobs, shape", [
+    ("scenes_files", {"loading": "memory"}, (48, 48)),
+    ("scenes_files", {"loading": "stream"}, (48, 48)),
+    ("wide_scenes_files", {"loading": "stream"}, (48, 48)),                           # squashed to a square
+    ("wide_scenes_files", {"loading": "stream", "min_size": 40, "max_size": 56}, (37, 56)),   # aspect kept
+    ("wide_scenes_files", {"loading": "memory", "min_size": 40}, (40, 60))])
+def test_metrics_map_model_input_boxes_back_to_the_original_pixels(tmp_path, request, files, knobs, shape):
+    """An oracle that returns the true boxes in model-input pixels (48 px squares, or aspect-preserving sizes) of
+    64 x 64 or 96 x 64 px validation images scores AP 1, in memory or streamed: the scorer's mapping to the original
+    pixels is exact, and metrics.json's AP is pycocotools' own."""
     from detseg.models.base import DetsegModel
 
+    scenes_files = request.getfixturevalue(files)
     entry = registry.get("det/faster_rcnn")
-    config = resolve(entry.all_options(), {"image_size": 48, "width": 8, "batch_size": 4})
+    config = resolve(entry.all_options(), {"image_size": 48, "width": 8, "batch_size": 4, **knobs})
     task = entry.make_task(config)
     bundle = task.make_data(str(scenes_files / "train.json"), str(scenes_files / "val.json"))
-    assert tuple(bundle.val.images.shape[-2:]) == (48, 48)
-    truth = {bytes(image.numpy()): target for image, target in zip(bundle.val.images, bundle.val.targets)}
+    items = [bundle.val[index] for index in range(len(bundle.val))]
+    assert all(tuple(image.shape[-2:]) == shape for image, _ in items)
+    truth = {bytes(image.numpy()): target for image, target in items}
 
     class Oracle(DetsegModel):
         def __init__(self):

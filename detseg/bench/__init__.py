@@ -16,6 +16,7 @@ STUDIES = {
     "localization": "detseg.bench.localization",
     "rcnn": "detseg.bench.rcnn",
     "detectors": "detseg.bench.detectors",
+    "streaming": "detseg.bench.streaming",
 }
 
 

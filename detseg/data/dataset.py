@@ -58,8 +58,16 @@ class InstanceDataset(torch.utils.data.Dataset):
     joints: use :class:`detseg.data.transforms.RandomHorizontalFlipWithJoints` instead of ``v2.RandomHorizontalFlip`` for pose data.
     """
 
-    def __init__(self, source, transforms: Callable | None = None):
+    OPTIONAL_FIELDS = ("masks", "keypoints", "semantic", "captions")
+
+    def __init__(self, source, transforms: Callable | None = None, fields: Sequence[str] | None = None):
         self.source, self.transforms = source, transforms
+        # What a task reads besides boxes, labels, iscrowd, area and image_id (None: everything). Decoding masks
+        # is most of a sample's cost on real data, and a box detector never looks at them.
+        self.fields = set(self.OPTIONAL_FIELDS if fields is None else fields)
+        unknown = self.fields - set(self.OPTIONAL_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}; optional fields are {self.OPTIONAL_FIELDS}")
         self.label_of, self.category_of = label_maps(source)
         self.label_names = label_names(source)
         self.num_classes = len(self.label_names)  # K + 1, background included
@@ -79,23 +87,29 @@ class InstanceDataset(torch.utils.data.Dataset):
     def _target(self, sample: Sample) -> dict:
         height, width = sample.image.shape[:2]
         annotations = sample.annotations
-        masks = instance_masks(sample)  # (N, H, W) uint8
+        needs_masks = bool(self.fields & {"masks", "semantic"}) or any("area" not in a for a in annotations)
+        masks = instance_masks(sample) if needs_masks else None  # (N, H, W) uint8
         labels = torch.tensor([self.label_of[a["category_id"]] for a in annotations], dtype=torch.int64)
         iscrowd = torch.tensor([int(a.get("iscrowd", 0)) for a in annotations], dtype=torch.int64)
         xywh = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
-        area = [float(a["area"]) if "area" in a else float(m.sum()) for a, m in zip(annotations, masks)]
-        return {
+        area = [float(a["area"]) if "area" in a else float(masks[row].sum()) for row, a in enumerate(annotations)]
+        target = {
             "boxes": tv_tensors.BoundingBoxes(box_convert(xywh, "xywh", "xyxy"), format="XYXY",
                                               canvas_size=(height, width)),
             "labels": labels,
-            "masks": tv_tensors.Mask(torch.from_numpy(masks)),
-            "keypoints": self._keypoints(annotations),
             "iscrowd": iscrowd,
             "area": torch.tensor(area, dtype=torch.float32),
             "image_id": int(sample.image_id),
-            "semantic": tv_tensors.Mask(torch.from_numpy(self._semantic(sample, masks, labels, iscrowd))),
-            "captions": [str(a.get("caption", "")) for a in annotations],
         }
+        if "masks" in self.fields:
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
+        if "keypoints" in self.fields:
+            target["keypoints"] = self._keypoints(annotations)
+        if "semantic" in self.fields:
+            target["semantic"] = tv_tensors.Mask(torch.from_numpy(self._semantic(sample, masks, labels, iscrowd)))
+        if "captions" in self.fields:
+            target["captions"] = [str(a.get("caption", "")) for a in annotations]
+        return target
 
     def _keypoints(self, annotations: list[dict]) -> torch.Tensor:
         """Flat COCO ``[x1, y1, v1, ...]`` -> (N, J, 3), zero rows for annotations without keypoints."""

@@ -21,7 +21,7 @@ import copy
 import math
 import random
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -106,6 +106,7 @@ class Trainer:
         self.stopped_by_budget = False
         self._last_checkpoint_time = time.monotonic()
         self._extras: dict[str, Any] = {}   # what checkpoints carry besides the state (model name, config, info)
+        self.on_first_step: Callable[[], None] | None = None   # called once, after this process's first step
 
     # ---- construction -------------------------------------------------------------------------------------------
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -190,6 +191,8 @@ class Trainer:
                    leave=False, dynamic_ncols=True, unit="batch", mininterval=0.5)
         tick = time.perf_counter()  # step time includes loading the batch: throughput is what a user waits for
         for batch in bar:
+            if not batch[1]:              # every sample of the batch was skipped (files that failed to decode)
+                continue
             lr = self.current_lr()
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -207,6 +210,9 @@ class Trainer:
             tick = now
             self.global_step += 1
             self.step_in_epoch += 1
+            if self.on_first_step is not None:
+                self.on_first_step()
+                self.on_first_step = None
             self.images_seen += count * self.world
             self.epoch_images += count
             for name, value in {"loss": total, **losses}.items():
@@ -251,6 +257,8 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)                      # the same val_loss for the same weights, whatever came before
             for batch in loader:
+                if not batch[1]:          # every sample of the batch was skipped (files that failed to decode)
+                    continue
                 images, targets = to_device(*batch, self.device)
                 self._synchronize()
                 start = time.perf_counter()

@@ -68,6 +68,16 @@ def resize_square(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Ten
     return scaled[0].round().clamp(0, 255)
 
 
+def aspect_shape(height: int, width: int, min_size: int, max_size: int = 0) -> tuple[int, int]:
+    """The ``(height, width)`` an image is resized to under torchvision's convention: the short side becomes
+    ``min_size`` unless the long side would then pass ``max_size`` (0 = no limit), in which case the long side
+    becomes ``max_size``; the aspect ratio is kept. Idempotent: an image already at its shape keeps it."""
+    scale = min_size / min(height, width)
+    if max_size and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def scale_target(target: dict, scale_x: float, scale_y: float, size: int | tuple[int, int]) -> dict:
     """A target of an image resized to ``size`` x ``size`` (or ``(height, width)``; x times ``scale_x``, y times
     ``scale_y``): boxes, proposals and joints scaled, the semantic map resized by nearest neighbour; other entries
@@ -96,93 +106,140 @@ def as_float_image(image: torch.Tensor) -> torch.Tensor:
 class Batch:
     """What :meth:`ImageTransform.batch` returns: the network's input and what is needed to map predictions back."""
 
-    normalized: torch.Tensor              # (N, 3, S, S) float, zero-centred with the model's statistics
-    pixels: torch.Tensor                  # (N, 3, S, S) float in [0, 1], before normalisation
+    normalized: torch.Tensor              # (N, 3, H, W) float, zero-centred with the model's statistics
+    pixels: torch.Tensor                  # (N, 3, H, W) float in [0, 1], before normalisation
     original_sizes: list[tuple[int, int]]  # (H_i, W_i) of every image as given
+    image_sizes: list[tuple[int, int]]     # (h_i, w_i) of every image once resized, before padding to (H, W)
 
     @property
     def input_size(self) -> tuple[int, int]:
+        """(H, W) of the padded batch: every image's pixels lie in its top-left ``image_sizes[i]``."""
         return tuple(self.normalized.shape[-2:])
 
     def resized(self, index: int) -> bool:
-        return self.original_sizes[index] != self.input_size
+        return self.original_sizes[index] != self.image_sizes[index]
 
 
 class ImageTransform(nn.Module):
-    """Images of any size -> a normalised ``size x size`` batch, and predictions back to the images' pixels.
+    """Images of any size -> one normalised batch, and predictions back to the images' pixels.
+
+    Two resize policies. *Square* (the default; the lecture's setup and the scenes'): every image becomes
+    ``size x size`` (or ``size = (height, width)``), whatever its aspect ratio. *Aspect-preserving*
+    (``min_size > 0``, torchvision's convention for detectors on photos): each image is scaled so its short side is
+    ``min_size`` and its long side at most ``max_size`` (:func:`aspect_shape`), then the batch is padded at the
+    bottom and right to the largest image, rounded up to a multiple of ``size_divisible`` so every stride of the
+    network divides it; padding has the mean colour, i.e. zero after normalisation.
 
     Resizing is bilinear with antialiasing, in 0-255 units rounded to whole values, exactly what the data sets do
     when they store a resized copy: an image given at its original size and its stored copy give the same input.
     ``mean`` / ``std`` are per-channel statistics of [0, 1] pixels, registered as buffers (saved with the weights).
-    ``size`` may be ``(height, width)`` for a non-square input (a benchmark running a model at a photo's size).
     """
 
     def __init__(self, size: int | tuple[int, int], mean: Sequence[float] = SCENES_MEAN,
-                 std: Sequence[float] = SCENES_STD):
+                 std: Sequence[float] = SCENES_STD, min_size: int = 0, max_size: int = 0,
+                 size_divisible: int = 32):
         super().__init__()
         self.size = size if isinstance(size, int) else _shape(size)
         self.shape = _shape(size)
+        self.min_size, self.max_size, self.size_divisible = int(min_size), int(max_size), int(size_divisible)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
 
+    @property
+    def keeps_aspect(self) -> bool:
+        return self.min_size > 0
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is resized to before batching."""
+        if self.keeps_aspect:
+            return aspect_shape(height, width, self.min_size, self.max_size)
+        return self.shape
+
     @contextmanager
     def resized_to(self, size: int | tuple[int, int]) -> Iterator[None]:
-        """Within the block, the input size is ``size`` (a side or ``(height, width)``): a benchmark timing a model
-        trained at 128 px on photo-sized images, say. Convolutional stages adapt to any size; a model whose layers
-        fix the input size (a fully-connected head on the whole map) does not."""
-        saved = self.size, self.shape
+        """Within the block, every image is resized to ``size`` (a side or ``(height, width)``), aspect-preserving
+        mode off: a benchmark timing a model trained at 128 px on photo-sized images, say. Convolutional stages
+        adapt to any size; a model whose layers fix the input size (a fully-connected head on the whole map) does
+        not."""
+        saved = self.size, self.shape, self.min_size
         self.size, self.shape = (size if isinstance(size, int) else _shape(size)), _shape(size)
+        self.min_size = 0
         try:
             yield
         finally:
-            self.size, self.shape = saved
+            self.size, self.shape, self.min_size = saved
 
-    def _resize(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) [0, 1] -> (3, S, S) [0, 1], rounded to 1/255 steps like a stored uint8 copy."""
-        return resize_square(image * 255.0, self.size) / 255.0
+    def _resize(self, image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """(3, H, W) [0, 1] -> (3, h, w) [0, 1], rounded to 1/255 steps like a stored uint8 copy."""
+        return resize_square(image * 255.0, shape) / 255.0
 
     def batch(self, images: Images) -> Batch:
         if torch.is_tensor(images) and images.dim() == 4:
-            pixels = as_float_image(images)                                # (N, 3, H, W), the fast path
             sizes = [tuple(images.shape[-2:])] * len(images)
-            if sizes and sizes[0] != self.shape:
-                pixels = torch.stack([self._resize(image) for image in pixels])
+            shapes = [self.resized_shape(*size) for size in sizes]
+            if not sizes or shapes[0] == sizes[0]:
+                pixels = as_float_image(images)                            # (N, 3, H, W), the fast path
+            else:
+                pixels = torch.stack([self._resize(image, shapes[0]) for image in as_float_image(images)])
         else:
             if len(images) == 0:
                 raise ValueError("no images given")
-            sizes = [tuple(image.shape[-2:]) for image in images]
             for image in images:
                 if image.dim() != 3 or image.shape[0] != 3:
                     raise ValueError(f"expected (3, H, W) images, got shape {tuple(image.shape)}")
-            pixels = torch.stack([self._resize(as_float_image(image)) if size != self.shape
-                                  else as_float_image(image) for image, size in zip(images, sizes)])
+            sizes = [tuple(image.shape[-2:]) for image in images]
+            shapes = [self.resized_shape(*size) for size in sizes]
+            pixels = [self._resize(as_float_image(image), shape) if shape != size else as_float_image(image)
+                      for image, size, shape in zip(images, sizes, shapes)]
+            pixels = pixels if self.keeps_aspect else torch.stack(pixels)   # square: every image is self.shape
+        if self.keeps_aspect:
+            pixels = self._padded(pixels)
         normalized = (pixels - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
-        return Batch(normalized, pixels, sizes)
+        return Batch(normalized, pixels, sizes, shapes)
+
+    def _padded(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """(3, h_i, w_i) images -> (N, 3, H, W), H and W the largest sides rounded up to ``size_divisible``; the
+        padding is the mean colour (zero once normalised)."""
+        step = max(1, self.size_divisible)
+        height = -(-max(image.shape[-2] for image in images) // step) * step
+        width = -(-max(image.shape[-1] for image in images) // step) * step
+        if torch.is_tensor(images) and tuple(images.shape[-2:]) == (height, width):
+            return images
+        batch = self.mean.view(1, 3, 1, 1).expand(len(images), 3, height, width).clone()
+        for row, image in enumerate(images):
+            batch[row, :, :image.shape[-2], :image.shape[-1]] = image
+        return batch
 
     # ---- targets into the input's pixels, predictions out of them ---------------------------------------------
-    def scale_of(self, original_size: tuple[int, int]) -> tuple[float, float]:
-        """(sx, sy) that take input pixels to the original image's pixels."""
+    def scale_of(self, original_size: tuple[int, int],
+                 image_size: tuple[int, int] | None = None) -> tuple[float, float]:
+        """(sx, sy) that take the pixels of an image resized to ``image_size`` (default: the square input size)
+        back to the original image's pixels."""
         height, width = original_size
-        return width / self.shape[1], height / self.shape[0]
+        resized_height, resized_width = image_size or self.shape
+        return width / resized_width, height / resized_height
 
     def targets_to_input(self, targets: list[dict], batch: Batch) -> list[dict]:
         """Boxes, proposals and joints scaled, semantic maps resized (nearest), for images that were resized."""
         moved = []
         for index, target in enumerate(targets):
             if batch.resized(index):
-                height, width = batch.original_sizes[index]
-                target = scale_target(target, self.shape[1] / width, self.shape[0] / height, self.shape)
+                (height, width), shape = batch.original_sizes[index], batch.image_sizes[index]
+                target = scale_target(target, shape[1] / width, shape[0] / height, shape)
             moved.append(target)
         return moved
 
-    def boxes_to_original(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
-        """(D, 4) xyxy in input pixels -> the original image's pixels."""
-        sx, sy = self.scale_of(original_size)
+    def boxes_to_original(self, boxes: torch.Tensor, original_size: tuple[int, int],
+                          image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(D, 4) xyxy in the pixels of the resized image (``image_size``, default the square input) -> the
+        original image's pixels."""
+        sx, sy = self.scale_of(original_size, image_size)
         return boxes * boxes.new_tensor([sx, sy, sx, sy])
 
-    def keypoints_to_original(self, keypoints: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    def keypoints_to_original(self, keypoints: torch.Tensor, original_size: tuple[int, int],
+                              image_size: tuple[int, int] | None = None) -> torch.Tensor:
         """(..., J, 2 or 3) joints in input pixels -> the original image's pixels (a third column is kept)."""
-        sx, sy = self.scale_of(original_size)
+        sx, sy = self.scale_of(original_size, image_size)
         scaled = keypoints.clone()
         scaled[..., 0] *= sx
         scaled[..., 1] *= sy

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Option
-from ..data.transforms import Augmentation, sample_seed
+from ..data.loading import InMemorySet, drop_skipped  # noqa: F401  (InMemorySet: tasks import it from here)
 
 
 @dataclass
@@ -95,6 +95,9 @@ def knobs_of(options: dict, config: dict) -> dict:
 
 
 def collate_pairs(batch: list) -> tuple[Any, list[dict]]:
+    batch = drop_skipped(batch)
+    if not batch:                     # every sample of the batch failed to decode (and was skipped)
+        return [], []
     inputs, targets = zip(*batch)
     same = all(item.shape == inputs[0].shape for item in inputs)
     return (torch.stack(inputs) if same else list(inputs)), list(targets)
@@ -119,31 +122,6 @@ def predict_arrays(model: nn.Module, task: Task, images: list[np.ndarray], info:
     """Described predictions for raw RGB images (H, W, 3) uint8 of any size: one eval-mode forward per image."""
     model.eval()
     return [task.describe(model([image_tensor(image).to(device)])[0], info) for image in images]
-
-
-class InMemorySet(torch.utils.data.Dataset):
-    """Images (N, 3, S, S) uint8 and one target dict each, in memory, augmented per sample for training.
-
-    ``augment`` (an :class:`~detseg.data.transforms.Augmentation`) draws from (``seed``, epoch, index); the engine
-    calls :meth:`set_epoch` before each epoch. Validation sets have no augmentation.
-    """
-
-    def __init__(self, images: torch.Tensor, targets: list[dict], augment: Augmentation | None = None,
-                 seed: int = 0):
-        self.images, self.targets = images, targets
-        self.augment, self.seed, self.epoch = augment, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        image, target = self.images[index], self.targets[index]
-        if self.augment:
-            image, target = self.augment(image, target, sample_seed(self.seed, self.epoch, index))
-        return image, target
 
 
 @dataclass

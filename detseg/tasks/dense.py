@@ -1,21 +1,34 @@
-"""Data shared by the in-memory tasks (segmentation, localization, pose, detection): scenes or COCO files.
+"""Data shared by the image tasks (segmentation, localization, pose, detection): scenes or COCO / VOC files.
 
-Images are small (128 px by default) and data sets are thousands of images, so each split is decoded once into
-uint8 tensors at ``image_size`` and batches are cut from memory: an epoch then costs only the network, which is what
-the lecture's comparisons are about. Normalisation is the models' business (their preprocessing stage).
+Every split is a :class:`~detseg.data.loading.SourceSet`: samples decoded one at a time and brought to the size the
+model takes by :class:`Resize` - square ``image_size`` (the scenes' and the lecture's setup) or, for detectors,
+aspect-preserving ``min_size`` / ``max_size``. Small sets are then decoded once into memory (an epoch costs only the
+network, which is what the lecture's comparisons are about); large ones stream from disk through the DataLoader's
+workers (``loading=auto|memory|stream``). Normalisation is the models' business (their preprocessing stage).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from tqdm import tqdm
 
-from ..data.dataset import InstanceDataset
+from ..config import Option
+from ..data.loading import InMemorySet, SourceSet, check_image_headers, into_memory
 from ..data.scenes import ScenesSource
 from ..data.sources import open_source
 from ..errors import ConfigError
-from ..models.base import resize_square, scale_target
+from ..models.base import aspect_shape, resize_square, scale_target
+
+LOADING_OPTIONS = {
+    "loading": Option("auto", "memory: decode every image once into memory; stream: read each batch from disk "
+                              "(any size of data set); auto: memory for the built-in scenes, stream for files",
+                      choices=("auto", "memory", "stream")),
+    "skip_bad_images": Option(True, "an image file that fails to decode mid-run is reported and skipped (false: "
+                                    "the run stops with exit 2)"),
+}
+
 
 def open_splits(config: dict, data: str | None, val: str | None, **scenes_kwargs):
     """(train source, val source) from ``--data scenes`` (generated) or ``--data TRAIN.json --val VAL.json``."""
@@ -32,24 +45,71 @@ def open_splits(config: dict, data: str | None, val: str | None, **scenes_kwargs
     return open_source(data), open_source(val, split="val")
 
 
-def materialize(source, image_size: int, progress: bool = True, desc: str = "") -> tuple[torch.Tensor, list[dict]]:
-    """Every image of ``source`` as one uint8 tensor (N, 3, S, S), resized if needed, plus its targets.
+@dataclass
+class Resize:
+    """The ``prepare`` step of a :class:`SourceSet`: ``convert`` the target, then bring image and target to the
+    model's input size - ``image_size`` square, or with ``min_size > 0`` aspect-preserving (short side
+    ``min_size``, long side at most ``max_size``; :func:`detseg.models.base.aspect_shape`).
 
     The resize is the models' own (:func:`detseg.models.base.resize_square`), so a model given the original image
-    sees exactly the stored copy.
-    """
-    dataset = InstanceDataset(source)
-    images = torch.empty(len(dataset), 3, image_size, image_size, dtype=torch.uint8)
-    targets = []
-    for index in tqdm(range(len(dataset)), desc=desc, disable=None if progress else True, leave=False):
-        image, target = dataset[index]
-        height, width = image.shape[1:]
-        if (height, width) != (image_size, image_size):
-            image = resize_square(image, image_size).to(torch.uint8)
-            target = scale_target(target, image_size / width, image_size / height, image_size)
-        images[index] = image
-        targets.append(target)
-    return images, targets
+    sees exactly the stored copy. ``target["size"]`` records the (height, width) delivered, which scorers need to
+    map predictions back to the original pixels."""
+
+    image_size: int | tuple[int, int] = 128
+    min_size: int = 0
+    max_size: int = 0
+    convert: Callable[[dict], dict] | None = None     # a module-level function, so worker processes can unpickle it
+
+    def shape(self, height: int, width: int) -> tuple[int, int]:
+        if self.min_size > 0:
+            return aspect_shape(height, width, self.min_size, self.max_size)
+        side = self.image_size
+        return (side, side) if isinstance(side, int) else tuple(side)
+
+    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        if self.convert is not None:
+            target = self.convert(target)
+        height, width = image.shape[-2:]
+        shape = self.shape(height, width)
+        if shape != (height, width):
+            image = resize_square(image, shape).to(torch.uint8)
+            target = scale_target(target, shape[1] / width, shape[0] / height, shape)
+        target["size"] = tuple(shape)
+        return image, target
+
+
+def uses_memory(config: dict, source) -> bool:
+    """``loading=auto``: the generated scenes live in memory, files stream."""
+    choice = config.get("loading", "auto")
+    return choice == "memory" or (choice == "auto" and isinstance(source, ScenesSource))
+
+
+def open_set(source, config: dict, prepare: Resize, augment=None, fields: tuple[str, ...] | None = None,
+             desc: str = "", in_memory: bool | None = None) -> SourceSet | InMemorySet:
+    """One split, streamed or decoded into memory (``loading``); image files' headers are checked first."""
+    check_image_headers(source)
+    streamed = SourceSet(source, prepare, augment, seed=config["seed"],
+                         skip_bad_images=config.get("skip_bad_images", True), fields=fields)
+    memory = uses_memory(config, source) if in_memory is None else in_memory
+    return into_memory(streamed, desc=desc) if memory else streamed
+
+
+def materialize(source, image_size: int, progress: bool = True, desc: str = "") -> tuple[torch.Tensor, list[dict]]:
+    """Every image of ``source`` as one uint8 tensor (N, 3, S, S), resized if needed, plus its full targets."""
+    memory = into_memory(SourceSet(source, Resize(image_size)), progress=progress, desc=desc)
+    images = memory.images if torch.is_tensor(memory.images) else torch.empty(0, 3, image_size, image_size,
+                                                                              dtype=torch.uint8)
+    return images, memory.targets
+
+
+def set_images(dataset, count: int) -> list:
+    """The first ``count`` images (H, W, 3) uint8 of a validation set, in memory or streamed."""
+    pictures = []
+    for index in range(min(count, len(dataset))):
+        item = dataset[index]
+        if item is not None:
+            pictures.append(item[0].permute(1, 2, 0).numpy())
+    return pictures
 
 
 def label_names(source) -> list[str]:

@@ -2,10 +2,12 @@
 
 Every method of the lecture's progression - the region-based sliding window, R-CNN, SPP-net, Fast R-CNN, Faster
 R-CNN, R-FCN, then the single-shot YOLO and SSD - is one ``det/<method>`` model of this task, so all of them read the
-same data, are scored by the same pycocotools call and write the same files. Images are held in memory at ``image_size`` x ``image_size`` (COCO images of other sizes are
-resized); the model predicts in those pixels, and the scorer maps its boxes back to each image's original pixels
-before they are scored, so ``ap`` in metrics.json is exactly what pycocotools computes from ``predictions.json``
-against the validation json.
+same data, are scored by the same pycocotools call and write the same files. Images reach the model at
+``image_size`` x ``image_size`` (the scenes' and the lecture's setup) or, with ``min_size > 0``, aspect-preserving
+(short side ``min_size``, long side at most ``max_size``); the generated scenes are held in memory, files stream
+from disk (``loading``). The model predicts in the pixels it was given, and the scorer maps its boxes back to each
+image's original pixels before they are scored, so ``ap`` in metrics.json is exactly what pycocotools computes from
+``predictions.json`` against the validation json.
 
 Methods that start from Selective Search (a ``ss_mode`` knob) get their training proposals precomputed here, once
 per image and cached on disk across runs, and carried in each target as ``proposals`` (flipped with the image): an
@@ -32,15 +34,21 @@ from ..models.detection import (fast_rcnn, faster_rcnn, rcnn, rfcn, sliding_wind
                                 torchvision_reference, torchvision_ssd, yolo)
 from ..models.detection.proposers import SelectiveSearch, default_cache_dir
 from ..registry import register
-from .base import DataBundle, InMemorySet, Scorer, Task, image_tensor
-from .dense import label_names, materialize, open_splits
+from .base import DataBundle, Scorer, Task, image_tensor
+from .dense import LOADING_OPTIONS, Resize, label_names, open_set, open_splits, set_images
 from .segmentation import PALETTE
 
 DETECTION_OPTIONS = {
     "train_size": Option(3000, "training images (scenes)", min=1),
     "val_size": Option(300, "validation images (scenes)", min=1),
-    "image_size": Option(128, "image side in pixels (other sizes are resized to it)", min=16, max=2048),
+    "image_size": Option(128, "square input side in pixels, every image resized to it (the scenes' size); "
+                              "ignored for files when min_size > 0", min=16, max=2048),
+    "min_size": Option(0, "0: square image_size inputs; > 0: keep each image's aspect ratio, short side resized to "
+                          "min_size (torchvision's convention; e.g. 800 for COCO photos)", min=0, max=4096),
+    "max_size": Option(0, "with min_size > 0: the long side at most this (e.g. 1333); 0 = no limit", min=0,
+                       max=8192),
     "hflip": Option(True, "random horizontal flips during training"),
+    **LOADING_OPTIONS,
 }
 DETECTION_TRAINING = {
     "lr": Option(2e-3, "peak learning rate", min=0),
@@ -48,6 +56,9 @@ DETECTION_TRAINING = {
     "epochs": Option(12, "passes over the training set", min=0),
     "grad_clip": Option(10.0, "clip the gradient norm to this value (0 = off)", min=0),
 }
+
+
+DETECTION_FIELDS = ()   # beyond boxes, labels, iscrowd: no masks, joints or captions to decode
 
 
 def plain_target(target: dict) -> dict:
@@ -89,7 +100,8 @@ class DetectionScorer(Scorer):
     def update(self, outputs: list[dict], targets: list[dict]) -> None:
         for detections, target in zip(outputs, targets):
             width, height = self.sizes[target["image_id"]]
-            scale = torch.tensor([width / self.side, height / self.side] * 2, device=detections["boxes"].device)
+            input_height, input_width = target.get("size", (self.side, self.side))   # the image the model saw
+            scale = torch.tensor([width / input_width, height / input_height] * 2, device=detections["boxes"].device)
             self.image_ids.append(target["image_id"])
             self.boxes.append(detections["boxes"] * scale)            # model-input pixels -> the original image's
             self.scores.append(detections["scores"])
@@ -115,19 +127,25 @@ class DetectionTask(Task):
         if train_names != val_names:
             raise ConfigError(f"--val: its categories {val_names[1:]} differ from the training set's "
                               f"{train_names[1:]}")
-        size, sets = config["image_size"], {}
+        selective_search = "ss_mode" in config
+        if selective_search and config["loading"] == "stream":
+            raise ConfigError("loading=stream: Selective Search detectors train on proposals precomputed once per "
+                              "image, which needs the images in memory; use loading=memory (or auto)")
+        resize = Resize(config["image_size"], config["min_size"], config["max_size"], convert=plain_target)
+        sets = {}
         for split, source in (("train", train_source), ("val", val_source)):
-            images, targets = materialize(source, size, desc=f"preparing {split}")
-            targets = [plain_target(t) for t in targets]
-            if "ss_mode" in config and split == "train":
-                for target, boxes in zip(targets, precompute_proposals(images, config, "selective search")):
-                    target["proposals"] = boxes
             augment = Augmentation(hflip=config["hflip"]) if split == "train" else None
-            sets[split] = InMemorySet(images, targets, augment, seed=config["seed"])
-        if "ss_mode" in config:   # fill the cache, so validation reads the proposals the model would compute
+            sets[split] = open_set(source, config, resize, augment, fields=DETECTION_FIELDS,
+                                   desc=f"preparing {split}", in_memory=True if selective_search else None)
+            if selective_search and split == "train":
+                train_set = sets[split]
+                for target, boxes in zip(train_set.targets, precompute_proposals(train_set.images, config,
+                                                                                  "selective search")):
+                    target["proposals"] = boxes
+        if selective_search:   # fill the cache, so validation reads the proposals the model would compute
             precompute_proposals(sets["val"].images, config, "selective search (val)")
         sizes = {int(image["id"]): (int(image["width"]), int(image["height"])) for image in val_source.images}
-        info = {"num_classes": len(train_names), "class_names": train_names, "image_size": size}
+        info = {"num_classes": len(train_names), "class_names": train_names, "image_size": config["image_size"]}
         extras = {"val_ground_truth": coco_ground_truth(val_source), "val_sizes": sizes,
                   "category_of": list(label_maps(val_source)[1])}
         return DataBundle(sets["train"], sets["val"], info, extras)
@@ -160,7 +178,7 @@ class DetectionTask(Task):
         return draw_bounding_boxes(picture, boxes, labels=labels, colors=colors, width=1)
 
     def validation_images(self, bundle: DataBundle, count: int) -> list[np.ndarray]:
-        return [image.permute(1, 2, 0).numpy() for image in bundle.val.images[:count]]
+        return set_images(bundle.val, count)
 
 
 # det/<method> -> (module in detseg.models.detection, one-line description), in the lecture's order.

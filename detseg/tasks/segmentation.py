@@ -19,8 +19,8 @@ from ..metrics import ConfusionMatrix
 from ..models.segmentation import encoder_decoder, fcn_fullres, sliding_window
 from ..models.segmentation.segmenter import WEIGHTINGS, Segmenter, SlidingWindowSegmentation, class_weights
 from ..registry import register
-from .base import DataBundle, InMemorySet, Scorer, Task, image_tensor, knobs_of
-from .dense import label_names, materialize, open_splits
+from .base import DataBundle, Scorer, Task, image_tensor, knobs_of
+from .dense import LOADING_OPTIONS, Resize, label_names, open_set, open_splits, set_images
 
 # A fixed colour per class (index 0, background, is never drawn).
 PALETTE = ["black", "red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple", "pink", "brown",
@@ -45,6 +45,25 @@ class SegmentationScorer(Scorer):
                                   if iou == iou}}   # NaN: the class is in neither prediction nor truth
 
 
+def semantic_target(target: dict) -> dict:
+    """What a segmenter trains on: the (H, W) label map, as uint8 (255 = ignore)."""
+    return {"semantic": target["semantic"].as_subclass(torch.Tensor).to(torch.uint8)}
+
+
+def class_pixel_counts(dataset, num_classes: int, most_images: int = 1000) -> torch.Tensor:
+    """Labeled pixels per class over the training set (its first ``most_images`` when it streams from disk: a
+    class's share settles long before that, and reading a whole large set only for it would delay training)."""
+    if hasattr(dataset, "targets"):
+        maps = [target["semantic"] for target in dataset.targets]
+    else:
+        maps = [item[1]["semantic"] for item in map(dataset.load, range(min(len(dataset), most_images))) if item]
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for labels in maps:
+        labels = labels[labels != 255].flatten().long()
+        counts += torch.bincount(labels, minlength=num_classes)[:num_classes]
+    return counts
+
+
 class SegmentationTask(Task):
     name = "segmentation"
     main_metric = "miou"
@@ -56,6 +75,7 @@ class SegmentationTask(Task):
         "class_weighting": Option("sqrt_inverse", "loss weight per class from its share of the training pixels: "
                                   + "|".join(WEIGHTINGS) + " (rare classes heavier; see class_weights)",
                                   choices=WEIGHTINGS),
+        **LOADING_OPTIONS,
     }
 
     def make_data(self, data: str | None, val: str | None) -> DataBundle:
@@ -63,14 +83,11 @@ class SegmentationTask(Task):
         train_source, val_source = open_splits(config, data, val)
         size, sets = config["image_size"], {}
         for split, source in (("train", train_source), ("val", val_source)):
-            images, targets = materialize(source, size, desc=f"preparing {split}")
-            semantic = [{"semantic": target["semantic"].as_subclass(torch.Tensor).to(torch.uint8)}
-                        for target in targets]                                               # (S, S) each
             augment = Augmentation(hflip=config["hflip"]) if split == "train" else None
-            sets[split] = InMemorySet(images, semantic, augment, seed=config["seed"])
+            sets[split] = open_set(source, config, Resize(size, convert=semantic_target), augment,
+                                   fields=("semantic",), desc=f"preparing {split}")
         names = label_names(train_source)
-        labels = torch.stack([target["semantic"] for target in sets["train"].targets])
-        counts = torch.bincount(labels[labels != 255].flatten().long(), minlength=len(names))[:len(names)]
+        counts = class_pixel_counts(sets["train"], len(names))
         info = {"num_classes": len(names), "class_names": names, "image_size": size,
                 "class_pixel_share": (counts.double() / max(1, int(counts.sum()))).tolist()}
         return DataBundle(sets["train"], sets["val"], info)
@@ -99,7 +116,7 @@ class SegmentationTask(Task):
         return draw_segmentation_masks(picture, masks, alpha=0.55, colors=colors)
 
     def validation_images(self, bundle: DataBundle, count: int) -> list[np.ndarray]:
-        return [image.permute(1, 2, 0).numpy() for image in bundle.val.images[:count]]
+        return set_images(bundle.val, count)
 
 
 SEG_TRAINING = {"lr": Option(1e-3, "peak learning rate", min=0), "batch_size": Option(16, "images per step", min=1),

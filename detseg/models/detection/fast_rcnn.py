@@ -17,7 +17,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
 
 from ..backbones import conv_bn_relu
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone, fpn_levels
-from .generalized import BoxPredictor, RegionDetector
+from .generalized import BoxPredictor, RegionDetector, detector_transform
 from .heads import ROI_HEAD_OPTIONS, roi_head_settings
 from .proposers import SELECTIVE_SEARCH_OPTIONS, selective_search_proposer
 
@@ -83,4 +83,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     return RegionDetector(info["num_classes"], selective_search_proposer(config),
                           build_roi_pool_head(config, backbone, info["num_classes"]), backbone,
-                          sampling, postprocess, weights, image_size=info["image_size"])
+                          sampling, postprocess, weights, transform=detector_transform(config, info))

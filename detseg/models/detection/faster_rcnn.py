@@ -11,7 +11,7 @@ from __future__ import annotations
 from ...config import Option
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone
 from .fast_rcnn import build_roi_pool_head
-from .generalized import RegionDetector
+from .generalized import RegionDetector, detector_transform
 from .heads import ROI_HEAD_OPTIONS, roi_head_settings
 from .rpn import RPN_OPTIONS, build_rpn
 
@@ -29,4 +29,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     return RegionDetector(info["num_classes"], build_rpn(config, backbone.out_channels),
                           build_roi_pool_head(config, backbone, info["num_classes"]), backbone,
-                          sampling, postprocess, weights, image_size=info["image_size"])
+                          sampling, postprocess, weights, transform=detector_transform(config, info))

@@ -62,6 +62,14 @@ class RoISampling:
     add_ground_truth: bool = True   # the true boxes are the best "proposals" early in training
 
 
+def detector_transform(config: dict, info: dict, size_divisible: int = 32) -> ImageTransform:
+    """A detector's preprocessing from its run config: square ``image_size`` (the scenes' and the lecture's setup),
+    or aspect-preserving when ``min_size > 0`` (short side ``min_size``, long side at most ``max_size``, the batch
+    padded to multiples of ``size_divisible``, the largest stride of the network)."""
+    return ImageTransform(info["image_size"], min_size=config.get("min_size", 0), max_size=config.get("max_size", 0),
+                          size_divisible=size_divisible)
+
+
 @dataclass
 class Postprocess:
     """How per-region scores become detections: COCO counts at most 100 per image."""
@@ -124,10 +132,11 @@ class RegionDetector(DetsegModel):
 
     def __init__(self, num_classes: int, proposer: nn.Module, roi_head: nn.Module, backbone: nn.Module | None = None,
                  sampling: RoISampling | None = None, postprocess: Postprocess | None = None,
-                 loss_weights: dict[str, float] | None = None, image_size: int = 128):
+                 loss_weights: dict[str, float] | None = None, image_size: int = 128,
+                 transform: ImageTransform | None = None):
         super().__init__()
         self.num_classes = num_classes        # K + 1, background included
-        self.transform = ImageTransform(image_size)
+        self.transform = transform or ImageTransform(image_size)
         self.backbone, self.proposer, self.roi_head = backbone, proposer, roi_head
         self.sampling = sampling or RoISampling()
         self.postprocess = postprocess or Postprocess()
@@ -178,10 +187,11 @@ class RegionDetector(DetsegModel):
         batch, _, head_input, proposals, _ = self._propose(images, None)
         with self._stage("per_region"):
             logits, deltas = self.roi_head(head_input, proposals, batch.input_size)
-            detections = self.detections(logits, deltas, proposals, batch.input_size)
+            detections = self.detections(logits, deltas, proposals, batch.image_sizes)
         for index, found in enumerate(detections):
             if batch.resized(index):
-                found["boxes"] = self.transform.boxes_to_original(found["boxes"], batch.original_sizes[index])
+                found["boxes"] = self.transform.boxes_to_original(found["boxes"], batch.original_sizes[index],
+                                                                  batch.image_sizes[index])
         return detections
 
     @torch.no_grad()
@@ -209,13 +219,15 @@ class RegionDetector(DetsegModel):
         return rois, torch.cat(labels), torch.cat(delta_targets)
 
     def detections(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: list[torch.Tensor],
-                   image_size: tuple[int, int]) -> list[dict]:
-        """Scores and deltas of every proposal -> per class boxes -> threshold, NMS per class, best 100."""
+                   image_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Scores and deltas of every proposal -> per class boxes -> threshold, NMS per class, best 100; boxes are
+        clipped to each image's own (resized, unpadded) size."""
         settings, num_classes = self.postprocess, self.num_classes
         probabilities = F.softmax(logits, dim=1)                                             # (R, K+1)
         results = []
-        for image_proposals, image_probabilities, image_deltas in zip(
-                proposals, probabilities.split([len(p) for p in proposals]), deltas.split([len(p) for p in proposals])):
+        for image_proposals, image_probabilities, image_deltas, image_size in zip(
+                proposals, probabilities.split([len(p) for p in proposals]), deltas.split([len(p) for p in proposals]),
+                image_sizes):
             boxes = decode_box_deltas(image_proposals, image_deltas, ROI_BOX_WEIGHTS)         # (P, 4 (K+1))
             boxes = boxes.view(-1, num_classes, 4)[:, 1:].reshape(-1, 4)                     # drop background
             scores = image_probabilities[:, 1:].reshape(-1)                                  # (P * K,)

@@ -23,7 +23,7 @@ box's class, anything less is background, at most a quarter positives (:class:`.
 """
 from __future__ import annotations
 
-from .generalized import RegionDetector
+from .generalized import RegionDetector, detector_transform
 from .heads import ROI_SETTINGS_OPTIONS, WARPED_CROP_OPTIONS, build_warped_crop_head, roi_head_settings
 from .proposers import SELECTIVE_SEARCH_OPTIONS, selective_search_proposer
 
@@ -36,4 +36,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     return RegionDetector(info["num_classes"], selective_search_proposer(config),
                           build_warped_crop_head(config, info["num_classes"]), None,
-                          sampling, postprocess, weights, image_size=info["image_size"])
+                          sampling, postprocess, weights, transform=detector_transform(config, info))

@@ -28,7 +28,7 @@ from torchvision.ops import ps_roi_align, ps_roi_pool
 
 from ...config import Option
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone
-from .generalized import RegionDetector
+from .generalized import RegionDetector, detector_transform
 from .heads import ROI_HEAD_OPTIONS, SHARED_ROI_HEAD_KEYS, roi_head_settings
 from .rpn import RPN_OPTIONS, build_rpn
 
@@ -134,4 +134,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     head = build_position_sensitive_head(config, backbone.out_channels, info["num_classes"])
     return RegionDetector(info["num_classes"], build_rpn(config, backbone.out_channels), head, backbone,
-                          sampling, postprocess, weights, image_size=info["image_size"])
+                          sampling, postprocess, weights, transform=detector_transform(config, info))

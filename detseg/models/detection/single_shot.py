@@ -62,10 +62,11 @@ class SingleShotDetector(DetsegModel):
     """
 
     def __init__(self, num_classes: int, backbone: nn.Module, head: nn.Module,
-                 postprocess: SingleShotPostprocess | None = None, image_size: int = 128):
+                 postprocess: SingleShotPostprocess | None = None, image_size: int = 128,
+                 transform: ImageTransform | None = None):
         super().__init__()
         self.num_classes = num_classes          # K + 1 as every detector counts them; there is no background output
-        self.transform = ImageTransform(image_size)
+        self.transform = transform or ImageTransform(image_size)
         self.backbone, self.head = backbone, head
         self.postprocess = postprocess or SingleShotPostprocess()
 
@@ -85,9 +86,10 @@ class SingleShotDetector(DetsegModel):
         boxes, scores = self.decode(outputs, batch.input_size)           # (N, P, 4), (N, P, K - 1)
         detections = []
         for index, (image_boxes, image_scores) in enumerate(zip(boxes, scores)):
-            found = self.select(image_boxes, image_scores, batch.input_size)
+            found = self.select(image_boxes, image_scores, batch.image_sizes[index])
             if batch.resized(index):
-                found["boxes"] = self.transform.boxes_to_original(found["boxes"], batch.original_sizes[index])
+                found["boxes"] = self.transform.boxes_to_original(found["boxes"], batch.original_sizes[index],
+                                                                  batch.image_sizes[index])
             detections.append(found)
         return detections
 

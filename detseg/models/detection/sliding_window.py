@@ -18,7 +18,7 @@ many overlapping windows that fire on one object.
 from __future__ import annotations
 
 from ...config import Option, number_list
-from .generalized import RegionDetector
+from .generalized import RegionDetector, detector_transform
 from .heads import ROI_SETTINGS_OPTIONS, WARPED_CROP_OPTIONS, build_warped_crop_head, roi_head_settings
 from .proposers import SlidingWindowProposer
 
@@ -46,4 +46,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     sampling, postprocess, weights = roi_head_settings(config)
     return RegionDetector(info["num_classes"], build_window_proposer(config),
                           build_warped_crop_head(config, info["num_classes"]), None,
-                          sampling, postprocess, weights, image_size=info["image_size"])
+                          sampling, postprocess, weights, transform=detector_transform(config, info))

@@ -22,7 +22,7 @@ from ...config import Option, number_list
 from ...errors import ConfigError
 from ..backbones import conv_bn_relu
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone
-from .generalized import BoxPredictor, RegionDetector
+from .generalized import BoxPredictor, RegionDetector, detector_transform
 from .heads import ROI_HEAD_OPTIONS, fully_connected_trunk, roi_head_settings
 from .proposers import SELECTIVE_SEARCH_OPTIONS, selective_search_proposer
 
@@ -97,4 +97,4 @@ def build(config: dict, info: dict) -> RegionDetector:
     head = SpatialPyramidHead(backbone.out_channels, info["num_classes"], levels, config["head_hidden"],
                               config["roi_channels"])
     return RegionDetector(info["num_classes"], selective_search_proposer(config), head, backbone,
-                          sampling, postprocess, weights, image_size=info["image_size"])
+                          sampling, postprocess, weights, transform=detector_transform(config, info))

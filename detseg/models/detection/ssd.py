@@ -45,7 +45,9 @@ from ...errors import ConfigError
 from ...ops.anchors import anchor_shapes, flatten_head_output, grid_anchors
 from ...ops.boxes import broadcast_box_iou, decode_box_deltas, encode_box_deltas
 from ..backbones import conv_bn_relu
+from ..base import ImageTransform
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone
+from .generalized import detector_transform
 from .single_shot import SINGLE_SHOT_OPTIONS, SingleShotDetector, SingleShotPostprocess
 
 # The feature pyramid of the resnet backbones is not used: SSD builds its own levels from one map.
@@ -293,10 +295,10 @@ class SSD(SingleShotDetector):
     def __init__(self, num_classes: int, features: MultiScaleFeatures, default_boxes: DefaultBoxes,
                  postprocess: SingleShotPostprocess | None = None, image_size: int = 128, match_iou: float = 0.5,
                  neg_pos_ratio: float = 3.0, min_negatives: int = 8, box_loss_weight: float = 1.0,
-                 box_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)):
+                 box_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0), transform: ImageTransform | None = None):
         head = SSDHead(features.out_channels, default_boxes.boxes_per_location, num_classes)
         super().__init__(num_classes, features, head.to(memory_format=features.memory_format), postprocess,
-                         image_size)
+                         image_size, transform)
         self.default_boxes = default_boxes
         self.match_iou, self.neg_pos_ratio, self.min_negatives = match_iou, neg_pos_ratio, min_negatives
         self.box_loss_weight, self.box_weights = box_loss_weight, tuple(box_weights)
@@ -347,7 +349,7 @@ def build(config: dict, info: dict) -> SSD:
     """SSD on the detection backbone plus ``extra_levels`` stride-2 blocks, default boxes of ``box_sizes``."""
     sizes, ratios = default_box_settings(config)
     return SSD(info["num_classes"], build_features(config), DefaultBoxes(sizes, ratios),
-               SingleShotPostprocess.from_config(config), image_size=info["image_size"],
+               SingleShotPostprocess.from_config(config), transform=detector_transform(config, info, size_divisible=64),
                match_iou=config["match_iou"], neg_pos_ratio=config["neg_pos_ratio"],
                min_negatives=config["min_negatives"], box_loss_weight=config["box_loss_weight"],
                box_weights=box_weights_of(config))

@@ -91,8 +91,12 @@ def build(config: dict, info: dict) -> TorchvisionDetector:
     backbone = build_detection_backbone(config)          # has ``out_channels``, which FasterRCNN requires
     levels = fpn_levels(config)
     side = info["image_size"]
+    # Square scenes: torchvision's resize to min_size = max_size = the side is the identity. With min_size > 0 the
+    # reference resizes as our aspect-preserving detectors do (torchvision's own convention).
+    min_size = config.get("min_size", 0) or side
+    max_size = config.get("max_size", 0) or (side if not config.get("min_size", 0) else 100 * min_size)
     detector = FasterRCNN(
-        backbone, num_classes=info["num_classes"], min_size=side, max_size=side,
+        backbone, num_classes=info["num_classes"], min_size=min_size, max_size=max_size,
         image_mean=list(SCENES_MEAN), image_std=list(SCENES_STD),
         rpn_anchor_generator=_anchor_generator(config),
         box_roi_pool=MultiScaleRoIAlign(list(levels or ["0"]), output_size=7, sampling_ratio=2),

@@ -87,7 +87,9 @@ from ...config import Option
 from ...errors import ConfigError
 from ...ops.boxes import broadcast_box_iou
 from ..backbones import conv_bn_relu
+from ..base import ImageTransform
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone, uses_fpn
+from .generalized import detector_transform
 from .single_shot import SINGLE_SHOT_OPTIONS, SingleShotDetector, SingleShotPostprocess
 
 YOLO_OPTIONS = {
@@ -223,12 +225,13 @@ class Yolo(SingleShotDetector):
     def __init__(self, num_classes: int, backbone: nn.Module, base_boxes: torch.Tensor, head_channels: int = 128,
                  per_box_classes: bool = False, responsible: str = "shape", class_loss: str = "ce",
                  lambda_coord: float = 5.0, lambda_noobj: float = 0.5, noobj_ignore_iou: float = 1.0,
-                 postprocess: SingleShotPostprocess | None = None, image_size: int = 128):
+                 postprocess: SingleShotPostprocess | None = None, image_size: int = 128,
+                 transform: ImageTransform | None = None):
         num_base = len(base_boxes)
         self.num_foreground = num_classes - 1
         class_channels = self.num_foreground * (num_base if per_box_classes else 1)
         super().__init__(num_classes, backbone, YoloHead(backbone.out_channels, head_channels, num_base,
-                                                         class_channels), postprocess, image_size)
+                                                         class_channels), postprocess, image_size, transform)
         self.register_buffer("base_boxes", base_boxes.float().reshape(-1, 2))      # (B, 2) width, height in pixels
         self.per_box_classes, self.responsible, self.class_loss = per_box_classes, responsible, class_loss
         self.lambda_coord, self.lambda_noobj, self.noobj_ignore_iou = lambda_coord, lambda_noobj, noobj_ignore_iou
@@ -352,4 +355,4 @@ def build(config: dict, info: dict) -> Yolo:
                 responsible=config["responsible"], class_loss=config["class_loss"],
                 lambda_coord=config["lambda_coord"], lambda_noobj=config["lambda_noobj"],
                 noobj_ignore_iou=config["noobj_ignore_iou"],
-                postprocess=SingleShotPostprocess.from_config(config), image_size=info["image_size"])
+                postprocess=SingleShotPostprocess.from_config(config), transform=detector_transform(config, info))
