@@ -251,7 +251,8 @@ def write_report(out: Path, results: dict) -> str:
         f"budget ({settings['budget']:.0f} s of training steps), batch size {settings['batch_size']}, input size and "
         f"tiny backbone, other knobs at their defaults; {settings['threads']} CPU threads, nothing else running. "
         f"Validation limited to the first {limits} images for the methods that run a CNN per region. Test time at "
-        f"batch 1 on the first {settings['timing_images']} validation images, proposals computed fresh. Code "
+        f"batch 1 on the first {settings['timing_images']} validation images, the median of 3 passes, proposals "
+        f"computed fresh. Code "
         f"{results.get('code', 'unknown')}; study wall time {results['wall_seconds']:.0f} s"
         f"{' (--quick)' if results['quick'] else ''}.", "",
         f"AP_s/m/l use COCO's limits (32² / 96² px); the *scenes* columns the scenes' own, rescaled to "

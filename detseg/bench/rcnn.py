@@ -297,7 +297,7 @@ def time_operating_point(rows: list[dict], settings: dict) -> list[dict]:
         print(f"{row['method']}: timing at {point['width']} x {point['height']} px ...", flush=True)
         model, _ = api.load(Path(row["run_dir"]) / "best.pt")
         with model.transform.resized_to((point["height"], point["width"])), model.without_caches():
-            timing = time_test_stages(model, images)
+            timing = time_test_stages(model, images, repeats=1)      # R-CNN: seconds per photo; one pass
         timed.append({"method": row["method"], "model": row["model"], "train_seconds": row["train_seconds"],
                       "train_images_per_second": row["train_images_per_second"], **timing})
     return timed
