@@ -118,3 +118,13 @@ def test_proposal_recall_hand_computed():
     missed = proposal_recall([np.zeros((0, 4))], [np.array([[0, 0, 4, 4]])], thresholds=(0.3,))
     assert missed["recall_30"] == 0.0 and missed["mean_best_iou"] == 0.0
     assert math.isnan(proposal_recall([np.zeros((0, 4))], [np.zeros((0, 4))])["recall_50"])
+
+
+def test_an_empty_cache_dir_means_no_cache(tmp_path, monkeypatch):
+    from detseg.models.detection.proposers import SelectiveSearch
+
+    monkeypatch.chdir(tmp_path)
+    search = SelectiveSearch("fast", 50, cache_dir="")
+    assert search.cache is None
+    search.one(np.zeros((32, 32, 3), dtype=np.uint8))
+    assert list(tmp_path.iterdir()) == []                 # nothing written into the working directory

@@ -40,7 +40,8 @@ class SelectiveSearch:
 
     def __init__(self, mode: str = "fast", max_proposals: int = 2000, cache_dir: str | Path | None = None):
         self.mode, self.max_proposals = mode, max_proposals
-        self.cache = ProposalCache(cache_dir) if cache_dir is not None else None
+        # "" would make a cache in the working directory, which nobody asks for: it means no cache, as None does.
+        self.cache = ProposalCache(cache_dir) if cache_dir not in (None, "") else None
 
     def one(self, image: np.ndarray) -> np.ndarray:
         if self.cache is not None:
