@@ -94,7 +94,11 @@ class AnchorGenerator:
         if len(ratios_per_level) != len(scales_per_level):
             raise ConfigError(f"anchor generator: {len(scales_per_level)} levels of scales but "
                               f"{len(ratios_per_level)} levels of aspect ratios")
-        self.shapes = [anchor_shapes(s, r) for s, r in zip(scales_per_level, ratios_per_level)]   # [(A_l, 4)]
+        self._set_shapes([anchor_shapes(s, r) for s, r in zip(scales_per_level, ratios_per_level)])
+
+    def _set_shapes(self, shapes: list[torch.Tensor]) -> None:
+        """The zero-centred boxes ``[(A_l, 4)]`` of every level, and an empty cache."""
+        self.shapes = shapes
         self._cache: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -117,11 +121,14 @@ class AnchorGenerator:
 
         Each level's stride is ``(H / h_l, W / w_l)``; the anchors are the same for every image of the batch.
         """
-        if len(feature_maps) != len(self.shapes):
-            raise ValueError(f"{len(feature_maps)} feature maps for an anchor generator of {len(self.shapes)} levels")
-        anchors = []
-        for level, features in enumerate(feature_maps):
-            height, width = features.shape[-2:]
-            stride = (image_size[0] / height, image_size[1] / width)
-            anchors.append(self.level_anchors(level, (height, width), stride, features.device))
-        return anchors
+        sizes = [tuple(features.shape[-2:]) for features in feature_maps]
+        return self.for_sizes(sizes, image_size, feature_maps[0].device if len(feature_maps) else "cpu")
+
+    def for_sizes(self, feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int],
+                  device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Anchors per level from the maps' ``(h_l, w_l)`` alone; level ``l``'s stride is ``(H / h_l, W / w_l)``."""
+        if len(feature_sizes) != len(self.shapes):
+            raise ValueError(f"{len(feature_sizes)} feature maps for an anchor generator of {len(self.shapes)} "
+                             f"levels")
+        return [self.level_anchors(level, (height, width), (image_size[0] / height, image_size[1] / width), device)
+                for level, (height, width) in enumerate(feature_sizes)]

@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ...config import Option, number_list
 from ...errors import ConfigError
-from ...ops.anchors import anchor_shapes, flatten_head_output, grid_anchors
+from ...ops.anchors import AnchorGenerator, anchor_shapes, flatten_head_output
 from ...ops.boxes import broadcast_box_iou, decode_box_deltas, encode_box_deltas
 from ..backbones import conv_bn_relu
 from ..base import ImageTransform
@@ -149,48 +149,40 @@ def default_box_settings(config: dict) -> tuple[tuple[float, ...], list[tuple[fl
     return sizes, ratios_per_level(config["box_ratios"], levels)
 
 
-class DefaultBoxes:
+class DefaultBoxes(AnchorGenerator):
     """SSD's default boxes: at every cell of level ``k``, one box of size ``s_k`` per aspect ratio and one square
     box of size ``sqrt(s_k s_k+1)`` between this level's size and the next.
 
-    ``sizes`` has one entry more than there are levels. Boxes are centred on the cells (see
-    :mod:`detseg.ops.anchors`), laid out ``(level, y, x, box)``, which is the order of :class:`SSDHead`'s outputs.
-    Not a module: boxes have no parameters; they are cached per (feature sizes, image size, device).
+    ``sizes`` has one entry more than there are levels. They are anchors with other shapes per level, so the grid,
+    the centring and the cache are :class:`~detseg.ops.anchors.AnchorGenerator`'s: boxes are centred on the cells,
+    laid out ``(level, y, x, box)``, the order of :class:`SSDHead`'s outputs.
     """
 
     def __init__(self, sizes: Sequence[float], ratios: Sequence[Sequence[float]]):
         if len(sizes) != len(ratios) + 1:
             raise ValueError(f"{len(ratios)} levels need {len(ratios) + 1} sizes, got {len(sizes)}")
         self.sizes, self.ratios = tuple(sizes), [tuple(r) for r in ratios]
-        self.shapes = [torch.cat([anchor_shapes([sizes[k]], ratios[k]),
-                                  anchor_shapes([math.sqrt(sizes[k] * sizes[k + 1])], [1.0])])
-                       for k in range(len(ratios))]                                        # [(A_k, 4)]
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._set_shapes([torch.cat([anchor_shapes([sizes[k]], ratios[k]),
+                                     anchor_shapes([math.sqrt(sizes[k] * sizes[k + 1])], [1.0])])
+                          for k in range(len(ratios))])                                     # [(A_k, 4)]
 
     @property
     def boxes_per_location(self) -> list[int]:
-        return [len(shapes) for shapes in self.shapes]
+        return self.num_anchors_per_location
 
     def per_level(self, feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int],
                   device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """``[(h_k * w_k * A_k, 4)]`` xyxy in input pixels; level ``k``'s stride is image size / map size."""
-        if len(feature_sizes) != len(self.shapes):
-            raise ValueError(f"{len(feature_sizes)} feature maps for default boxes of {len(self.shapes)} levels")
-        return [grid_anchors((h, w), (image_size[0] / h, image_size[1] / w), shapes.to(device))
-                for (h, w), shapes in zip(feature_sizes, self.shapes)]
+        return self.for_sizes(feature_sizes, image_size, device)
 
     def __call__(self, feature_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int],
                  device: torch.device | str = "cpu") -> torch.Tensor:
-        """All levels' boxes, ``(P, 4)``, computed once per key."""
-        key = (tuple(map(tuple, feature_sizes)), tuple(image_size), str(device))
+        """All levels' boxes, ``(P, 4)``, concatenated once per key (in the same cache as the levels')."""
+        key = ("all levels", tuple(map(tuple, feature_sizes)), tuple(image_size), str(device))
         if key not in self._cache:
-            if len(self._cache) >= 16:
-                self._cache.clear()
             self._cache[key] = torch.cat(self.per_level(feature_sizes, image_size, device))
         return self._cache[key]
 
-
-# --- the head -----------------------------------------------------------------------------------------------------
 
 class SSDOutputs(NamedTuple):
     class_logits: torch.Tensor       # (N, P, K + 1), class 0 background
