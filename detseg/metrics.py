@@ -8,7 +8,9 @@ The lecture's tasks are judged differently, and this module follows its order:
   ``loc_acc`` (class right *and* IoU >= 0.5, the ImageNet-localization criterion);
 - pose as regression: ``pck``, the fraction of joints within a radius of the truth;
 - detection, instance segmentation and keypoint detection: COCO average precision, computed by pycocotools itself
-  so that our ``ap`` is the number every paper reports, not a re-implementation of it.
+  so that our ``ap`` is the number every paper reports, not a re-implementation of it; from the same COCOeval run
+  ``per_class_ap`` and the precision-recall curves, and a confusion matrix of boxes matched at IoU 0.5 that shows
+  which classes a detector mistakes for which.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchvision.ops import box_area
+from torchvision.ops import box_area, box_iou
 
 from detseg.errors import DetsegError
 
@@ -285,7 +287,15 @@ def coco_eval(gt: dict | COCO, results: list[dict], iou_type: str = "bbox", kpt_
     (``ap`` is AP averaged over IoU .50:.05:.95, ``ap50`` and ``ap75`` at one IoU, then by object area, then average
     recall), for "keypoints" :data:`KEYPOINT_STAT_KEYS`. Like pycocotools, a stat is -1.0 when no ground truth falls
     in its area range (e.g. ``ap_large`` on a data set without large objects); it is kept, not replaced, so that
-    ``ap`` here always equals pycocotools' number.
+    ``ap`` here always equals pycocotools' number. The arguments are :func:`coco_evaluator`'s.
+    """
+    return coco_stats(coco_evaluator(gt, results, iou_type, kpt_oks_sigmas, quiet, area_thresholds))
+
+
+def coco_evaluator(gt: dict | COCO, results: list[dict], iou_type: str = "bbox", kpt_oks_sigmas=None,
+                   quiet: bool = True, area_thresholds: tuple[float, float] | None = None) -> COCOeval:
+    """pycocotools' COCOeval of ``results`` against ``gt``, evaluated, accumulated and summarized: the one run that
+    :func:`coco_stats`, :func:`per_class_ap` and :func:`precision_recall_curves` all read.
 
     ``gt`` is a COCO dict (never modified; missing ``area`` is taken from the box, missing ``iscrowd`` is 0) or a
     ready ``COCO`` object. Crowd ground truth (``iscrowd`` 1) is neither a miss nor a false positive when detected,
@@ -316,8 +326,54 @@ def coco_eval(gt: dict | COCO, results: list[dict], iou_type: str = "bbox", kpt_
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    keys = KEYPOINT_STAT_KEYS if iou_type == "keypoints" else DETECTION_STAT_KEYS
+    return evaluator
+
+
+def coco_stats(evaluator: COCOeval) -> dict[str, float]:
+    """A summarized COCOeval's ``stats`` under the flat names of :func:`coco_eval`."""
+    keys = KEYPOINT_STAT_KEYS if evaluator.params.iouType == "keypoints" else DETECTION_STAT_KEYS
     return {key: float(value) for key, value in zip(keys, evaluator.stats)}
+
+
+def _all_areas_most_detections(evaluator: COCOeval) -> np.ndarray:
+    """``eval['precision']`` at area "all" and the largest maxDets (100), as ``ap`` reads it: (T, R, K) over
+    IoU thresholds, the 101 recall thresholds and the evaluated categories; -1 where a class has no ground truth."""
+    params = evaluator.params
+    return evaluator.eval["precision"][:, :, :, params.areaRngLbl.index("all"), len(params.maxDets) - 1]
+
+
+def _category_names(evaluator: COCOeval) -> list[str]:
+    """Names of the categories along the K axis of ``eval['precision']``, in COCOeval's (catIds) order."""
+    return [category["name"] for category in evaluator.cocoGt.loadCats(evaluator.params.catIds)]
+
+
+def per_class_ap(evaluator: COCOeval) -> dict[str, float]:
+    """COCO AP (IoU .50:.95, all areas, 100 detections) of each category, by name, from the same precision array
+    as ``ap``.
+
+    A category without ground truth in the evaluated set has no precision at all (pycocotools fills -1) and is
+    left out, as segmentation leaves out the classes of ``per_class_iou`` it never saw. pycocotools fills a class's
+    precision for every IoU and recall threshold or for none, so ``ap`` is exactly the mean of these values.
+    """
+    precision = _all_areas_most_detections(evaluator)                                   # (T, R, K)
+    return {name: float(precision[:, :, k].mean()) for k, name in enumerate(_category_names(evaluator))
+            if (precision[:, :, k] > -1).any()}
+
+
+def precision_recall_curves(evaluator: COCOeval, iou: float = 0.5) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Precision at COCO's 101 recall thresholds 0, 0.01, ..., 1 per category at IoU ``iou`` (one of the evaluated
+    thresholds .50:.05:.95), all areas, 100 detections: ``(recall (R,), {name: precision (R,)})``.
+
+    These are COCO's interpolated curves (precision made monotone, 0 past the highest recall reached), so a curve's
+    mean is the class's AP at that IoU (AP50 at 0.5). Categories without ground truth are left out."""
+    thresholds = evaluator.params.iouThrs
+    matches = np.flatnonzero(np.isclose(thresholds, iou))
+    if not len(matches):
+        raise DetsegError(f"precision_recall_curves: IoU {iou} is not one of the evaluated {thresholds.tolist()}")
+    precision = _all_areas_most_detections(evaluator)[matches[0]]                        # (T, R, K) -> (R, K)
+    curves = {name: precision[:, k].copy() for k, name in enumerate(_category_names(evaluator))
+              if (precision[:, k] > -1).any()}
+    return np.asarray(evaluator.params.recThrs), curves
 
 
 def _coco_from_dict(gt: dict, iou_type: str) -> COCO:
@@ -404,3 +460,75 @@ def _set_keypoint_params(params, coco_gt: COCO, kpt_oks_sigmas) -> None:
         if len(kpt_oks_sigmas) != num_joints:
             raise DetsegError(f"coco_eval: {len(kpt_oks_sigmas)} OKS sigmas for {num_joints} joints")
         params.kpt_oks_sigmas = kpt_oks_sigmas
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which classes a detector confuses: a confusion matrix over matched boxes
+# ---------------------------------------------------------------------------------------------------------------
+
+# A detection takes part when its score is at least this; matched to ground truth at IoU >= the other.
+CONFUSION_SCORE_THRESHOLD = 0.5
+CONFUSION_IOU_THRESHOLD = 0.5
+
+
+def detection_confusion(gt: dict | COCO, results: list[dict], score_threshold: float = CONFUSION_SCORE_THRESHOLD,
+                        iou_threshold: float = CONFUSION_IOU_THRESHOLD) -> tuple[torch.Tensor, list[str]]:
+    """Detection confusion matrix (K+1, K+1) int64 and its class names, index 0 = "background" then the
+    ``categories`` in order (the models' contiguous labels). Rows are the ground truth, columns the detections.
+
+    Per image, the detections (COCO results, ``bbox`` compared) scoring at least ``score_threshold`` are matched in
+    order of score, each to the unmatched ground-truth box it overlaps most at IoU >= ``iou_threshold`` *whatever
+    either's class*, so that a box with the wrong label lands off the diagonal instead of counting as a false
+    positive plus a miss. A detection left unmatched is a false positive (background row, column of its class); a
+    ground-truth object left unmatched is a miss (its row, background column). Crowd regions are COCO's "ignore":
+    never a miss, and a detection lying inside one (intersection over the detection's area >= ``iou_threshold``,
+    COCO's crowd overlap) is dropped rather than called a false positive. Cell [0, 0] is always 0.
+    """
+    dataset = gt.dataset if isinstance(gt, COCO) else gt
+    label_of = {category["id"]: label for label, category in enumerate(dataset["categories"], start=1)}
+    names = ["background"] + [category["name"] for category in dataset["categories"]]
+    truths_of: dict[int, list[dict]] = {}
+    for annotation in dataset["annotations"]:
+        truths_of.setdefault(annotation["image_id"], []).append(annotation)
+    detections_of: dict[int, list[dict]] = {}
+    for result in results:
+        if result["score"] >= score_threshold:
+            detections_of.setdefault(result["image_id"], []).append(result)
+    matrix = torch.zeros(len(names), len(names), dtype=torch.int64)
+    for image in dataset["images"]:
+        truths = truths_of.get(image["id"], [])
+        detections = sorted(detections_of.get(image["id"], []), key=lambda result: -result["score"])
+        crowd = torch.tensor([bool(truth.get("iscrowd", 0)) for truth in truths], dtype=torch.bool)
+        truth_boxes, truth_labels = _boxes_and_labels(truths, label_of)                       # (G, 4), (G,)
+        boxes, labels = _boxes_and_labels(detections, label_of)                               # (D, 4), (D,)
+        objects, object_labels = truth_boxes[~crowd], truth_labels[~crowd]                    # (G', 4), (G',)
+        iou = box_iou(boxes, objects)                                                         # (D, G')
+        in_crowd = (_intersection_over_first(boxes, truth_boxes[crowd]) >= iou_threshold).any(dim=1)  # (D,)
+        matched = torch.zeros(len(objects), dtype=torch.bool)
+        for index in range(len(detections)):
+            overlaps = iou[index].masked_fill(matched, -1.0)
+            best = int(overlaps.argmax()) if len(objects) else -1
+            if best >= 0 and overlaps[best] >= iou_threshold:
+                matched[best] = True
+                matrix[object_labels[best], labels[index]] += 1
+            elif not in_crowd[index]:
+                matrix[0, labels[index]] += 1
+        matrix[:, 0] += torch.bincount(object_labels[~matched], minlength=len(names))
+    return matrix, names
+
+
+def _boxes_and_labels(records: list[dict], label_of: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """COCO ``bbox`` [x, y, w, h] -> (N, 4) xyxy float, and ``category_id`` -> (N,) contiguous labels."""
+    boxes = torch.tensor([record["bbox"] for record in records], dtype=torch.float64).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    labels = torch.tensor([label_of[record["category_id"]] for record in records], dtype=torch.int64)
+    return boxes, labels
+
+
+def _intersection_over_first(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Intersection of every box of ``first`` (N, 4) with every box of ``second`` (M, 4), over the area of the
+    ``first`` box -> (N, M): COCO's overlap with a crowd region."""
+    top_left = torch.max(first[:, None, :2], second[None, :, :2])                            # (N, M, 2)
+    bottom_right = torch.min(first[:, None, 2:], second[None, :, 2:])                        # (N, M, 2)
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=-1)                       # (N, M)
+    return intersection / box_area(first)[:, None].clamp(min=1e-12)

@@ -1,4 +1,5 @@
-"""Pictures: training curves (matplotlib) and grids of drawn predictions (torchvision.utils)."""
+"""Pictures: training curves, precision-recall curves and confusion matrices (matplotlib) and grids of drawn
+predictions (torchvision.utils)."""
 from __future__ import annotations
 
 import io
@@ -60,6 +61,44 @@ def plot_curves(path: Path | str, history: list[dict], metric: str) -> None:
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    save_figure(figure, path)
+
+
+def plot_pr_curves(path: Path | str, recall: np.ndarray, curves: dict[str, np.ndarray], iou: float = 0.5) -> None:
+    """Precision against recall per class (thin lines) and their mean over classes (bold), each labelled with its
+    AP at that IoU: the mean of its curve over COCO's 101 recall thresholds
+    (:func:`detseg.metrics.precision_recall_curves`)."""
+    figure, axis = plt.subplots(figsize=(7, 5))
+    palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")     # tab20's pale half only when needed
+    for k, (name, precision) in enumerate(curves.items()):
+        axis.plot(recall, precision, color=palette(k % palette.N), linewidth=1,
+                  label=f"{name} (AP{round(iou * 100)} {precision.mean():.3f})")
+    if curves:
+        mean = np.mean(np.stack(list(curves.values())), axis=0)                  # (K, R) -> (R,)
+        axis.plot(recall, mean, color="black", linewidth=2.5, label=f"all classes (AP{round(iou * 100)} "
+                                                                     f"{mean.mean():.3f})")
+    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+             title=f"precision-recall at IoU {iou:g}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    save_figure(figure, path)
+
+
+def plot_confusion(path: Path | str, matrix: torch.Tensor | np.ndarray, names: Sequence[str], title: str) -> None:
+    """A confusion matrix (rows ground truth, columns predictions) with its count written in every cell."""
+    counts = np.asarray(matrix)
+    side = max(4.0, 0.45 * len(names) + 2)
+    figure, axis = plt.subplots(figsize=(side + 1, side))
+    image = axis.imshow(counts, cmap="Blues")
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    font = 8 if len(names) <= 20 else 5
+    dark = counts.max() / 2 if counts.size else 0
+    for row, column in np.ndindex(counts.shape):
+        axis.text(column, row, str(int(counts[row, column])), ha="center", va="center", fontsize=font,
+                  color="white" if counts[row, column] > dark else "black")
+    axis.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=font + 1)
+    axis.set_yticks(range(len(names)), names, fontsize=font + 1)
+    axis.set(xlabel="predicted", ylabel="ground truth", title=title)
     save_figure(figure, path)
 
 

@@ -14,6 +14,10 @@ Conventions (documented here because COCO leaves them implicit):
 - ``segmentation`` is a list of polygons (each ``[x1, y1, x2, y2, ...]``, at least 3 points) or an RLE dict whose
   ``size`` must be the image's ``[height, width]``. An empty list means "no segmentation" (some exporters write
   that for box-only annotations); the Dataset then uses the filled box as the mask.
+- Degenerate polygons (fewer than 3 points: real COCO train2017 has a few) are an error by default. The lenient
+  mode, ``CocoSource(..., strict=False)`` (the run knob ``strict=false``, ``detseg data check --lenient``), drops
+  them instead and prints how many: such a polygon covers no area (pycocotools would even read a 4-number one as a
+  box), so the annotation keeps its box and its other polygons; one left with none has no segmentation at all.
 - ``iscrowd`` (default 0) must be 0 or 1; ``area`` (default: mask area, else box area) must be >= 0;
   ``keypoints`` must hold 3 numbers per keypoint named by the annotation's category, visibility in {0, 1, 2};
   ``caption`` (our extension, optional) must be a string.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from pycocotools import mask as mask_utils
@@ -153,16 +158,21 @@ class CocoSource(RecordSource):
 
     Image files are looked up as ``image_root / file_name`` then ``<json dir> / file_name`` when ``image_root`` is
     given, else as ``<json dir> / file_name`` then ``<json dir> / images / file_name``. Everything is validated
-    here (see the module docstring); a problem raises :class:`DataError`.
+    here (see the module docstring); a problem raises :class:`DataError`. ``strict=False`` drops degenerate
+    polygons (< 3 points) instead of failing, keeping their annotations' boxes; ``degenerate_polygons`` counts them.
     """
 
-    def __init__(self, json_path: str | Path, image_root: str | Path | None = None):
+    def __init__(self, json_path: str | Path, image_root: str | Path | None = None, strict: bool = True):
         self.json_path = Path(json_path)
         self.image_root = Path(image_root) if image_root is not None else None
+        self.strict, self.degenerate_polygons = strict, 0
         data = _read_json_object(self.json_path)
         categories = self._validated_categories(data["categories"])
         images, paths = self._validated_images(data["images"])
         annotations = self._validated_annotations(data["annotations"], images, categories)
+        if self.degenerate_polygons:
+            print(f"{self.json_path}: {self.degenerate_polygons} degenerate polygons (< 3 points) dropped, boxes "
+                  f"kept (strict=false)", file=sys.stderr, flush=True)
         super().__init__(self.json_path, categories, images, annotations, paths)
 
     def _fail(self, message: str, **where):
@@ -267,10 +277,12 @@ class CocoSource(RecordSource):
         annotation["iscrowd"] = int(iscrowd)
 
         segmentation = raw.get("segmentation")
-        if segmentation == []:
-            del annotation["segmentation"]
-        elif segmentation is not None:
-            self._check_segmentation(segmentation, height, width, where)
+        if segmentation is not None:
+            segmentation = self._checked_segmentation(segmentation, height, width, where)
+            if segmentation == []:    # none written, or (lenient) every polygon degenerate: the box stands alone
+                del annotation["segmentation"]
+            else:
+                annotation["segmentation"] = segmentation
 
         area = raw.get("area")
         if area is None:
@@ -290,16 +302,23 @@ class CocoSource(RecordSource):
             self._fail("caption must be a string", field="caption", value=caption, **where)
         return annotation
 
-    def _check_segmentation(self, segmentation, height: int, width: int, where: dict) -> None:
+    def _checked_segmentation(self, segmentation, height: int, width: int, where: dict):
+        """The segmentation, validated; in lenient mode without its degenerate polygons (possibly none left)."""
         if isinstance(segmentation, list):
+            kept = []
             for k, polygon in enumerate(segmentation):
                 field = f"segmentation[{k}]"
                 if not (isinstance(polygon, list) and all(map(is_number, polygon))):
                     self._fail("polygon must be a list of finite numbers", field=field, value=polygon, **where)
+                if len(polygon) < 6 and not self.strict:
+                    self.degenerate_polygons += 1
+                    continue
                 if len(polygon) < 6 or len(polygon) % 2:
-                    self._fail(f"polygon needs an even number (>= 6) of coordinates, has {len(polygon)}",
+                    hint = "; strict=false drops such polygons and keeps the box" if len(polygon) < 6 else ""
+                    self._fail(f"polygon needs an even number (>= 6) of coordinates, has {len(polygon)}{hint}",
                                field=field, value=polygon, **where)
-            return
+                kept.append(polygon)
+            return kept
         if not isinstance(segmentation, dict):
             self._fail("segmentation must be a list of polygons or an RLE object", field="segmentation",
                        value=segmentation, **where)
@@ -318,6 +337,7 @@ class CocoSource(RecordSource):
             # Compressed counts are characters '0'..'o' (6 bits each); their total is checked when decoded.
             self._fail("RLE counts must be a list of integers or a compressed RLE string",
                        field="segmentation.counts", value=counts, **where)
+        return segmentation
 
     def _check_keypoints(self, keypoints, category: dict, where: dict) -> int:
         """Validate flat ``[x1, y1, v1, ...]`` against the category's joints; return how many are labelled."""

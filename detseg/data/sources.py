@@ -15,7 +15,10 @@ from .coco import CocoSource
 from .voc import VocSource
 
 
-def open_source(path: str | Path, image_root: str | Path | None = None, split: str | None = "train"):
+def open_source(path: str | Path, image_root: str | Path | None = None, split: str | None = "train",
+                strict: bool = True):
+    """The source at ``path``; ``strict=False`` opens COCO files with degenerate polygons (their boxes kept, see
+    :class:`CocoSource`). VOC has no polygons, so ``strict`` changes nothing there."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "no such file or directory")
@@ -23,7 +26,7 @@ def open_source(path: str | Path, image_root: str | Path | None = None, split: s
         return VocSource(path, split=split, image_dir=image_root)
     if path.suffix.lower() != ".json":
         raise DataError(path, "expected a COCO .json file or a VOC directory")
-    return CocoSource(path, image_root=image_root)
+    return CocoSource(path, image_root=image_root, strict=strict)
 
 
 def summarize(source, decode: bool = True, progress: bool = True) -> dict:
@@ -45,4 +48,5 @@ def summarize(source, decode: bool = True, progress: bool = True) -> dict:
     common = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(3))
     return {"images": len(source), "annotations": sum(per_category.values()), "categories": len(names),
             "per_category": dict(per_category), "crowd": crowd, "with_keypoints": keypoints,
-            "with_captions": captions, "image_sizes": common, "images_decoded": decode}
+            "with_captions": captions, "image_sizes": common, "images_decoded": decode,
+            "degenerate_polygons_dropped": getattr(source, "degenerate_polygons", 0)}
