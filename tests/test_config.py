@@ -45,3 +45,14 @@ def test_bool_and_int_parsing():
 
 
 # Saving and reading config.yaml is detseg.io's (tests/test_io.py).
+
+
+def test_no_model_knob_shadows_a_task_knob_of_another_meaning():
+    """A model option with a task option's name replaces it silently (seg/sliding_window's patch `crop` once hid
+    the augmentation's crop); only per-model data-size defaults may share a name."""
+    from detseg import registry
+
+    for name in registry.names():
+        entry = registry.get(name)
+        shared = set(entry.task.options) & set(entry.options)
+        assert shared <= {"train_size", "val_size"}, (name, sorted(shared))

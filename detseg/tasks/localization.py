@@ -16,7 +16,7 @@ from torchvision.utils import draw_bounding_boxes
 from ..config import Option
 from ..data.records import LSP_FLIP
 from ..data.scenes import PERSON_ID
-from ..data.transforms import Augmentation
+from ..data.transforms import AUGMENT_OPTIONS, Augmentation
 from ..errors import ConfigError
 from ..metrics import loc_metrics, pck
 from ..models.localization import classify_localize, pose_regression
@@ -31,6 +31,7 @@ SINGLE_OBJECT_OPTIONS = {
     "val_size": Option(300, "validation images (scenes)", min=1),
     "image_size": Option(128, "image side in pixels (other sizes are resized to it)", min=16, max=1024),
     "hflip": Option(True, "random horizontal flips during training (people: left and right joints swapped)"),
+    **AUGMENT_OPTIONS,   # crops here always keep the one object (keep_instances)
 }
 
 
@@ -73,7 +74,8 @@ class _SingleObjectTask(Task):
             keep = torch.tensor([i for i, _ in chosen])
             augment = None
             if split == "train":
-                augment = Augmentation(hflip=config["hflip"], flip_index=LSP_FLIP if self.want_keypoints else None)
+                augment = Augmentation(hflip=config["hflip"], flip_index=LSP_FLIP if self.want_keypoints else None,
+                                       **knobs_of(AUGMENT_OPTIONS, config), keep_instances=True)
             sets[split] = InMemorySet(images[keep], one_object, augment, seed=config["seed"])
         names = label_names(train_source)[1:]   # object classes only: every image holds exactly one object
         info = {"num_classes": len(names), "class_names": names, "image_size": size}
