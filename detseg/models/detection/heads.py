@@ -33,18 +33,22 @@ ROI_HEAD_OPTIONS = {
     "box_loss_weight": Option(1.0, "weight of the RoI box loss in the multi-task sum", min=0),
     "score_thresh": Option(0.05, "detections below this class probability are dropped", min=0, max=1),
     "nms_thresh": Option(0.5, "per-class non-maximum suppression IoU", min=0, max=1),
+    "detections_per_image": Option(100, "detections kept per image after NMS (COCO counts 100)", min=1),
 }
 
 
 # The RoI-stage knobs every head shares; the others of ROI_HEAD_OPTIONS (pool, pool_size, roi_channels,
 # head_hidden) describe the pooling head of Fast R-CNN.
-SHARED_ROI_HEAD_KEYS = ("rois_per_image", "positive_fraction", "box_loss_weight", "score_thresh", "nms_thresh")
+SHARED_ROI_HEAD_KEYS = ("rois_per_image", "positive_fraction", "box_loss_weight", "score_thresh", "nms_thresh",
+                        "detections_per_image")
 
 
 def roi_head_settings(config: dict) -> tuple[RoISampling, Postprocess, dict[str, float]]:
     """The sampling, post-processing and loss weights every RoI head of the family reads from its config."""
     sampling = RoISampling(batch_per_image=config["rois_per_image"], positive_fraction=config["positive_fraction"])
-    postprocess = Postprocess(score_thresh=config["score_thresh"], nms_thresh=config["nms_thresh"])
+    # .get: checkpoints saved before detections_per_image was a knob kept COCO's 100.
+    postprocess = Postprocess(score_thresh=config["score_thresh"], nms_thresh=config["nms_thresh"],
+                              detections_per_image=config.get("detections_per_image", 100))
     return sampling, postprocess, {"roi_box": config["box_loss_weight"]}
 
 
