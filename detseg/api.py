@@ -19,14 +19,11 @@ import torch
 
 from . import __version__, registry
 from .config import parse_overrides, resolve
-from .data.images import load_rgb
-from .engine.checkpoint import load_checkpoint
+from .engine.checkpoint import load_checkpoint, load_matching
 from .engine.run import finish, fit
 from .engine.trainer import Trainer
 from .errors import ConfigError
-from .tasks.base import predict_arrays
 from .io import load_yaml, save_yaml, write_json
-from .viz import save_png
 
 
 def seed_everything(seed: int) -> None:
@@ -68,8 +65,13 @@ def _count_params(model: torch.nn.Module) -> int:
 def train(model_name: str, *, data: str | None = None, val: str | None = None, epochs: int | None = None,
           time_budget: float | None = None, out: str | Path | None = None, seed: int | None = None,
           resume: bool = False, overrides: Mapping[str, Any] | Iterable[str] | None = None,
-          progress: bool = True, verbose: bool = True) -> dict[str, float]:
-    """Train ``model_name`` and write a run directory; returns the final metrics (also in metrics.json)."""
+          progress: bool = True, verbose: bool = True, init: str | Path | None = None) -> dict[str, float]:
+    """Train ``model_name`` and write a run directory; returns the final metrics (also in metrics.json).
+
+    ``init``: a checkpoint (or run directory) to fine-tune from - every tensor whose name and shape match is loaded
+    into the freshly built model, the others (e.g. the class layers) keep their initialisation
+    (:func:`detseg.engine.checkpoint.load_matching`); a report is printed.
+    """
     started = time.perf_counter()
     entry = registry.get(model_name)
     if overrides is not None and not isinstance(overrides, Mapping):
@@ -80,6 +82,11 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
             overrides[key] = value
     run_dir = Path(out) if out is not None else None
     base: dict[str, Any] = {}
+    init_payload = None
+    if init is not None:   # read now: a wrong path fails before any data is generated
+        if resume:
+            raise ConfigError("--init: a resumed run continues from its own last.pt; drop --init or --resume")
+        init_payload = load_checkpoint(init, map_location="cpu")
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs --out RUN_DIR, the directory of the run to continue")
@@ -111,11 +118,18 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
 
     seed_everything(config["seed"])  # the same initial weights whatever the data generation consumed
     model = build_model()
+    if init_payload is not None:
+        init_report = load_matching(model, init_payload["model"],
+                                    origin=f"{init} ({init_payload.get('model_name', 'unknown model')})")
+        if verbose and rank == 0:
+            print(init_report.summary(), flush=True)
     trainer = Trainer(model, task, bundle, config, device=device, rank=rank, world=world, progress=progress)
-    trainer.set_checkpoint_extras(model_name=model_name, config=config, info=bundle.info, version=__version__)
+    trainer.set_checkpoint_extras(model_name=model_name, config=config, info=bundle.info, version=__version__,
+                                  data={"data": _as_path_text(data), "val": _as_path_text(val)})
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(run_dir / "config.yaml", {"model": model_name, "data": data, "val": val, "config": config})
+        save_yaml(run_dir / "config.yaml", {"model": model_name, "data": data, "val": val,
+                                              "init": None if init is None else str(init), "config": config})
     if resume:
         trainer.load_state_dict(load_checkpoint(run_dir / "last.pt", map_location=device))
         trainer.config.update({key: config[key] for key in ("epochs", "time_budget")})
@@ -137,6 +151,13 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
             torch.distributed.destroy_process_group()
         _report_skipped(bundle)
     return metrics
+
+
+def _as_path_text(path) -> str | None:
+    """A data argument as checkpoints keep it: an absolute path for files, the name for built-in data."""
+    if path is None or str(path) == "scenes" or not Path(path).exists():
+        return None if path is None else str(path)
+    return str(Path(path).resolve())
 
 
 def _report_skipped(bundle) -> None:
@@ -184,6 +205,9 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, val: str | None
     config = dict(payload["config"])
     task = registry.get(payload["model_name"]).make_task(config)
     seed_everything(config["seed"])
+    if data is None and val is None:     # the run's own data: its files when it trained on files
+        saved = payload.get("data") or {}
+        data, val = saved.get("data"), saved.get("val")
     bundle = task.make_data(data, val)
     trainer = Trainer(model, task, bundle, config, device=device, progress=False)
     scorer = task.scorer(bundle)
@@ -197,22 +221,39 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, val: str | None
 
 
 def predict(checkpoint: str | Path, images: Iterable[str | Path], *, out: str | Path | None = None,
-            device: str = "cpu") -> list[dict]:
-    """Predictions for image files; with ``out``, also a drawing per image and predictions.json."""
-    model, payload = load(checkpoint, device)
-    task = registry.get(payload["model_name"]).make_task(dict(payload["config"]))
-    task.check_predictable(payload["info"])
-    paths = [Path(path) for path in images]
-    if not paths:
-        raise ConfigError("predict: give at least one image file")
-    pixels = [load_rgb(path) for path in paths]
-    predictions = predict_arrays(model, task, pixels, payload["info"], torch.device(device))
-    # Keys starting with "_" hold arrays for drawing (a label map, say), not for predictions.json.
-    results = [{"image": str(path), **{key: value for key, value in prediction.items() if not key.startswith("_")}}
-               for path, prediction in zip(paths, predictions)]
-    if out is not None:
-        out = Path(out)
-        for path, image, prediction in zip(paths, pixels, predictions):
-            save_png(out / f"{path.stem}_pred.png", task.draw(image, prediction, payload["info"]))
-        write_json(out / "predictions.json", results)
-    return results
+            device: str = "cpu", batch_size: int = 8, workers: int = 1, conf: float | None = None,
+            max_det: int | None = None, coco: str | Path | None = None, draw: bool = True,
+            progress: bool = False) -> list[dict]:
+    """Predictions for image files, directories, globs and videos (:mod:`detseg.predict`): one dict per image or
+    video frame, in input order. With ``out``: a drawing per image, a drawn video + JSON lines per video,
+    predictions.json and, for detectors, coco_results.json (image ids from the ``coco`` json when given).
+
+    ``batch_size`` images share a forward, decoded by ``workers`` DataLoader processes; ``conf`` / ``max_det`` set a
+    detector's ``score_thresh`` / ``detections_per_image``; ``device`` is cpu, cuda or auto."""
+    from .predict import DEVICES, predict_paths, test_time_overrides
+
+    if device not in DEVICES:
+        raise ConfigError(f"--device {device}: must be one of {', '.join(DEVICES)}")
+    chosen = _device(device, 0)
+    model, payload = load(checkpoint, chosen, test_time_overrides(checkpoint, conf, max_det))
+    return predict_paths(model, payload, images, out=out, device=chosen, batch_size=batch_size, workers=workers,
+                         coco=coco, draw=draw, progress=progress).results
+
+
+def export(checkpoint: str | Path, *, format: str = "onnx", out: str | Path | None = None, dynamic: bool = False,
+           size: str | int | tuple[int, int] | None = None, check: bool = True) -> dict:
+    """Export a checkpoint to an ONNX file (default: beside the checkpoint, ``.onnx``), then run the file in
+    onnxruntime against PyTorch on the same inputs; returns the report (names, shapes, ``max_diff`` per output,
+    ``within_tolerance``). ``size`` is the input size ("S" or "HxW", default the checkpoint's); ``dynamic`` makes the
+    batch (and a fully convolutional segmenter's height and width) dynamic. See :mod:`detseg.export`."""
+    from .export import export_onnx, parse_size, require_onnx
+
+    if format != "onnx":
+        raise ConfigError(f"--format {format}: the only export format is onnx")
+    require_onnx()
+    model, payload = load(checkpoint)
+    if out is None:
+        source = Path(checkpoint)
+        out = source / "model.onnx" if source.is_dir() else source.with_suffix(".onnx")
+    shape = tuple(size) if isinstance(size, (tuple, list)) else parse_size(size)
+    return export_onnx(model, payload, out, dynamic=dynamic, size=shape, check=check)

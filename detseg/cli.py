@@ -101,11 +101,14 @@ def data_scenes(out: str, n_train: int, n_val: int, size: int | tuple[int, int],
 @click.option("--images", default=None, type=click.Path(file_okay=False), help="Image root, if not beside.")
 @click.option("--split", default="train", show_default=True, help="VOC: the ImageSets/Main split.")
 @click.option("--no-decode", is_flag=True, help="Validate the annotations only, do not open every image.")
-def data_check(path: str, images: str | None, split: str, no_decode: bool) -> None:
+@click.option("--lenient", is_flag=True, help="Drop degenerate polygons (< 3 points) and keep their boxes, as "
+                                              "strict=false does in a run, instead of failing.")
+def data_check(path: str, images: str | None, split: str, no_decode: bool, lenient: bool) -> None:
     """Validate a COCO json or a VOC directory and print a summary (exit 2 on the first problem)."""
     from .data.sources import open_source, summarize
 
-    click.echo(json.dumps(summarize(open_source(path, images, split), decode=not no_decode), indent=2))
+    source = open_source(path, images, split, strict=not lenient)
+    click.echo(json.dumps(summarize(source, decode=not no_decode), indent=2))
 
 
 @main.command("train", context_settings={"ignore_unknown_options": False})
@@ -118,13 +121,17 @@ def data_check(path: str, images: str | None, split: str, no_decode: bool) -> No
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory (default runs/...).")
 @click.option("--seed", default=None, type=int)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--init", default=None, type=click.Path(),
+              help="Fine-tune: start from the weights of this checkpoint or run directory (tensors whose name and "
+                   "shape match; the others, e.g. the class layers, start fresh).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def train_command(model, overrides, data, val, epochs, time_budget, out, seed, resume, quiet) -> None:
+def train_command(model, overrides, data, val, epochs, time_budget, out, seed, resume, init, quiet) -> None:
     """Train MODEL; extra KEY=VALUE arguments override its config (`detseg config MODEL` lists them)."""
     from . import api
 
     metrics = api.train(model, data=data, val=val, epochs=epochs, time_budget=time_budget, out=out, seed=seed,
-                        resume=resume, overrides=list(overrides), progress=not quiet, verbose=not quiet)
+                        resume=resume, overrides=list(overrides), progress=not quiet, verbose=not quiet,
+                        init=init)
     if metrics:
         click.echo(json.dumps(metrics, indent=2))
 
@@ -157,17 +164,34 @@ def eval_command(checkpoint, data, val, out, overrides) -> None:
 
 @main.command("predict")
 @click.argument("checkpoint", type=click.Path())
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, required=True)
 @click.option("--out", default="predictions", show_default=True, type=click.Path(file_okay=False))
-def predict_command(checkpoint, images, out) -> None:
-    """Predict on IMAGES and draw the outputs into --out."""
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]))
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Images per forward pass.")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Decoding processes beside the model's (0: decode in the model's process).")
+@click.option("--conf", default=None, type=float, help="Detectors: drop detections scoring below this "
+                                                        "(sets score_thresh).")
+@click.option("--max-det", default=None, type=int, help="Detectors: keep at most this many per image "
+                                                         "(sets detections_per_image).")
+@click.option("--coco", default=None, type=click.Path(dir_okay=False),
+              help="Detectors: a COCO json whose image ids (matched by file_name) coco_results.json uses.")
+@click.option("--no-draw", is_flag=True, help="Write no drawings (PNGs, output videos): JSON only.")
+@click.option("--quiet", is_flag=True, help="No progress bar, no JSON line per prediction on stdout.")
+def predict_command(checkpoint, paths, out, device, batch_size, workers, conf, max_det, coco, no_draw,
+                    quiet) -> None:
+    """Predict on PATHS - image files, directories (not recursive), quoted globs ('**' recurses), videos - and
+    write predictions.json, drawings, per video a drawn .mp4 and a .jsonl, for detectors coco_results.json."""
     from . import api
 
-    results = api.predict(checkpoint, images, out=out)
-    for result in results:
-        shown = {key: value for key, value in result.items() if key != "probabilities"}
-        click.echo(json.dumps(shown))
-    click.echo(f"drawings and predictions.json in {out}", err=True)
+    results = api.predict(checkpoint, paths, out=out, device=device, batch_size=batch_size, workers=workers,
+                          conf=conf, max_det=max_det, coco=coco, draw=not no_draw, progress=not quiet)
+    if not quiet:
+        for result in results:
+            shown = {key: value for key, value in result.items() if key != "probabilities"}
+            click.echo(json.dumps(shown))
+    click.echo(f"{len(results)} predictions: predictions.json{'' if no_draw else ' and drawings'} in {out}",
+               err=True)
 
 
 @main.command("bench")
@@ -205,6 +229,26 @@ def hyperquest_command(host, port, db_url, data_dir, workers, epoch_limit, datas
     settings = Settings.create(db_url, data_dir, workers=workers, epoch_limit=epoch_limit,
                                dataset_pool=dataset_pool, admin_token=admin_token or "")
     serve(settings, host=host, port=port)
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]))
+@click.option("--dynamic", is_flag=True, help="Dynamic batch (and height/width for fully convolutional segmenters).")
+@click.option("--size", default=None, help="Input size, S or HxW pixels (default: the checkpoint's).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="ONNX file (default: CHECKPOINT.onnx).")
+def export_command(checkpoint, fmt, dynamic, size, out) -> None:
+    """Export CHECKPOINT to ONNX, preprocessing included, and check the file in onnxruntime against PyTorch."""
+    from . import api
+
+    report = api.export(checkpoint, format=fmt, out=out, dynamic=dynamic, size=size)
+    click.echo(json.dumps(report, indent=2))
+    differences = ", ".join(f"{name} {value:.2g}" for name, value in report["max_diff"].items())
+    click.echo(f"wrote {report['file']}; onnxruntime vs PyTorch, max |difference|: {differences}", err=True)
+    if not report["within_tolerance"]:
+        click.echo(f"error: {report['file']} does not match PyTorch within 1e-4 (boxes 1e-3 px); "
+                   f"{report['mismatches']} mismatched labels or detections", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

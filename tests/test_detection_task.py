@@ -54,6 +54,9 @@ def test_faster_rcnn_run_from_coco_files_reports_exactly_pycocotools_ap(tmp_path
     keys = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
     assert [metrics[key] for key in keys] == pytest.approx(list(stats[:6]), abs=1e-12)
     assert metrics["detections_per_image"] <= 100
+    # `detseg eval` without --data scores the checkpoint on the files it was trained on, not on generated scenes.
+    again = json.loads(cli("eval", run / "best.pt").stdout)
+    assert [again[key] for key in keys] == pytest.approx([metrics[key] for key in keys], abs=1e-12)
 
 
 def test_predict_draws_boxes_on_grayscale_and_odd_sized_images(tmp_path, cli):

@@ -178,3 +178,15 @@ def test_image_headers_are_checked_when_a_set_is_opened(coco_files, tmp_path):
     task, _ = _detection_task()
     with pytest.raises(DataError, match="20x10 pixels but the annotations say 64x64"):
         task.make_data(str(out / "train.json"), str(out / "val.json"))
+
+
+def test_resize_also_resizes_instance_masks():
+    resize = Resize(64, min_size=20)
+    image = torch.zeros(3, 40, 80, dtype=torch.uint8)
+    masks = torch.zeros(2, 40, 80, dtype=torch.uint8)
+    masks[0, 10:20, 20:60] = 1
+    target = {"boxes": torch.tensor([[20.0, 10.0, 60.0, 20.0], [0.0, 0.0, 1.0, 1.0]]), "masks": masks}
+    _, moved = resize(image, target)
+    assert moved["masks"].shape == (2, 20, 40) and moved["masks"].dtype == torch.uint8
+    assert moved["masks"][0].nonzero().min(0).values.tolist() == [5, 10]
+    assert int(moved["masks"][0].sum()) == 5 * 20

@@ -17,6 +17,8 @@ STUDIES = {
     "rcnn": "detseg.bench.rcnn",
     "detectors": "detseg.bench.detectors",
     "streaming": "detseg.bench.streaming",
+    "predict": "detseg.bench.predict",
+    "export": "detseg.bench.export",
 }
 
 

@@ -80,8 +80,8 @@ def aspect_shape(height: int, width: int, min_size: int, max_size: int = 0) -> t
 
 def scale_target(target: dict, scale_x: float, scale_y: float, size: int | tuple[int, int]) -> dict:
     """A target of an image resized to ``size`` x ``size`` (or ``(height, width)``; x times ``scale_x``, y times
-    ``scale_y``): boxes, proposals and joints scaled, the semantic map resized by nearest neighbour; other entries
-    kept."""
+    ``scale_y``): boxes, proposals and joints scaled, the semantic map and instance masks resized by nearest
+    neighbour; other entries kept."""
     scaled = dict(target)
     for key in ("boxes", "proposals"):
         if key in target:
@@ -94,6 +94,10 @@ def scale_target(target: dict, scale_x: float, scale_y: float, size: int | tuple
     if "semantic" in target:
         scaled["semantic"] = F.interpolate(target["semantic"][None, None].float(), size=_shape(size),
                                            mode="nearest")[0, 0].to(target["semantic"].dtype)
+    if "masks" in target:       # (G, H, W) instance masks, nearest neighbour like the semantic map
+        masks = target["masks"]
+        scaled["masks"] = F.interpolate(masks[None].float(), size=_shape(size), mode="nearest")[0].to(masks.dtype) \
+            if masks.numel() else masks.new_zeros((len(masks), *_shape(size)))
     return scaled
 
 

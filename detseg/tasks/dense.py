@@ -42,7 +42,8 @@ def open_splits(config: dict, data: str | None, val: str | None, **scenes_kwargs
         raise ConfigError(f"--data {data}: expected 'scenes', a COCO .json file or a VOC directory")
     if val is None:
         raise ConfigError(f"--data {data}: also give --val VAL.json (the validation split)")
-    return open_source(data), open_source(val, split="val")
+    strict = config.get("strict", True)   # the detectors' knob; a lenient open keeps boxes of degenerate polygons
+    return open_source(data, strict=strict), open_source(val, split="val", strict=strict)
 
 
 @dataclass

@@ -26,15 +26,17 @@ from tqdm import tqdm
 
 from ..config import Option
 from ..data.dataset import coco_ground_truth, label_maps
-from ..data.transforms import Augmentation
+from ..data.transforms import AUGMENT_OPTIONS, Augmentation
 from ..errors import ConfigError
 from ..io import write_json
-from ..metrics import coco_eval, results_from_detections
+from ..metrics import (CONFUSION_IOU_THRESHOLD, CONFUSION_SCORE_THRESHOLD, coco_evaluator, coco_stats,
+                       detection_confusion, per_class_ap, precision_recall_curves, results_from_detections)
 from ..models.detection import (fast_rcnn, faster_rcnn, rcnn, rfcn, sliding_window, spp_net, ssd,
                                 torchvision_reference, torchvision_ssd, yolo)
 from ..models.detection.proposers import SelectiveSearch, default_cache_dir
 from ..registry import register
-from .base import DataBundle, Scorer, Task, image_tensor
+from ..viz import plot_confusion, plot_pr_curves
+from .base import DataBundle, Scorer, Task, image_tensor, knobs_of
 from .dense import LOADING_OPTIONS, Resize, label_names, open_set, open_splits, set_images
 from .segmentation import PALETTE
 
@@ -48,6 +50,9 @@ DETECTION_OPTIONS = {
     "max_size": Option(0, "with min_size > 0: the long side at most this (e.g. 1333); 0 = no limit", min=0,
                        max=8192),
     "hflip": Option(True, "random horizontal flips during training"),
+    **AUGMENT_OPTIONS,
+    "strict": Option(True, "COCO files: a polygon of < 3 points fails the set; false drops such polygons, keeps "
+                           "their boxes and prints how many (real COCO train2017 has some)"),
     **LOADING_OPTIONS,
 }
 DETECTION_TRAINING = {
@@ -110,8 +115,12 @@ class DetectionScorer(Scorer):
     def compute(self) -> dict:
         self.results = results_from_detections(self.image_ids, self.boxes, self.scores, self.labels,
                                                self.category_of)
-        metrics = coco_eval(self.ground_truth, self.results, "bbox")
+        # One COCOeval run gives the stats, AP per class and the curves pr_curves.png draws.
+        evaluator = coco_evaluator(self.ground_truth, self.results, "bbox")
+        metrics = coco_stats(evaluator)
+        metrics["per_class_ap"] = per_class_ap(evaluator)
         metrics["detections_per_image"] = len(self.results) / max(1, len(self.image_ids))
+        self.pr_curves = precision_recall_curves(evaluator, iou=0.5)          # (recall (101,), {name: precision})
         return metrics
 
 
@@ -134,7 +143,8 @@ class DetectionTask(Task):
         resize = Resize(config["image_size"], config["min_size"], config["max_size"], convert=plain_target)
         sets = {}
         for split, source in (("train", train_source), ("val", val_source)):
-            augment = Augmentation(hflip=config["hflip"]) if split == "train" else None
+            augment = (Augmentation(hflip=config["hflip"], **knobs_of(AUGMENT_OPTIONS, config)) if split == "train"
+                       else None)
             sets[split] = open_set(source, config, resize, augment, fields=DETECTION_FIELDS,
                                    desc=f"preparing {split}", in_memory=True if selective_search else None)
             if selective_search and split == "train":
@@ -145,7 +155,8 @@ class DetectionTask(Task):
         if selective_search:   # fill the cache, so validation reads the proposals the model would compute
             precompute_proposals(sets["val"].images, config, "selective search (val)")
         sizes = {int(image["id"]): (int(image["width"]), int(image["height"])) for image in val_source.images}
-        info = {"num_classes": len(train_names), "class_names": train_names, "image_size": config["image_size"]}
+        info = {"num_classes": len(train_names), "class_names": train_names, "image_size": config["image_size"],
+                "category_ids": list(label_maps(train_source)[1])}   # label -> COCO id, for `detseg predict`
         extras = {"val_ground_truth": coco_ground_truth(val_source), "val_sizes": sizes,
                   "category_of": list(label_maps(val_source)[1])}
         return DataBundle(sets["train"], sets["val"], info, extras)
@@ -157,8 +168,18 @@ class DetectionTask(Task):
         return DetectionScorer(bundle)
 
     def write_outputs(self, scorer: Scorer, run_dir) -> None:
-        """predictions.json: the COCO results that the final metrics.json was computed from."""
+        """predictions.json: the COCO results that the final metrics.json was computed from; pr_curves.png from
+        the same evaluation; confusion.json and confusion.png: detections scoring >= 0.5 matched to the ground
+        truth at IoU >= 0.5 (:func:`detseg.metrics.detection_confusion`)."""
         write_json(run_dir / "predictions.json", scorer.results)
+        plot_pr_curves(run_dir / "pr_curves.png", *scorer.pr_curves, iou=0.5)
+        matrix, names = detection_confusion(scorer.ground_truth, scorer.results)
+        write_json(run_dir / "confusion.json", {
+            "classes": names, "rows": "ground truth", "columns": "detections", "score_threshold":
+            CONFUSION_SCORE_THRESHOLD, "iou_threshold": CONFUSION_IOU_THRESHOLD, "matrix": matrix.tolist()})
+        plot_confusion(run_dir / "confusion.png", matrix, names,
+                       f"detections (score >= {CONFUSION_SCORE_THRESHOLD:g}) matched at IoU "
+                       f">= {CONFUSION_IOU_THRESHOLD:g}")
 
     def describe(self, output: dict, info: dict) -> dict:
         names = info["class_names"]

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.utils import draw_segmentation_masks
 
 from ..config import Option
-from ..data.transforms import Augmentation
+from ..data.transforms import AUGMENT_OPTIONS, Augmentation
 from ..metrics import ConfusionMatrix
 from ..models.segmentation import encoder_decoder, fcn_fullres, sliding_window
 from ..models.segmentation.segmenter import WEIGHTINGS, Segmenter, SlidingWindowSegmentation, class_weights
@@ -72,6 +72,7 @@ class SegmentationTask(Task):
         "val_size": Option(200, "validation images (scenes)", min=1),
         "image_size": Option(128, "image side in pixels (other sizes are resized to it)", min=16, max=1024),
         "hflip": Option(True, "random horizontal flips during training"),
+        **AUGMENT_OPTIONS,
         "class_weighting": Option("sqrt_inverse", "loss weight per class from its share of the training pixels: "
                                   + "|".join(WEIGHTINGS) + " (rare classes heavier; see class_weights)",
                                   choices=WEIGHTINGS),
@@ -83,7 +84,8 @@ class SegmentationTask(Task):
         train_source, val_source = open_splits(config, data, val)
         size, sets = config["image_size"], {}
         for split, source in (("train", train_source), ("val", val_source)):
-            augment = Augmentation(hflip=config["hflip"]) if split == "train" else None
+            augment = (Augmentation(hflip=config["hflip"], **knobs_of(AUGMENT_OPTIONS, config)) if split == "train"
+                       else None)
             sets[split] = open_set(source, config, Resize(size, convert=semantic_target), augment,
                                    fields=("semantic",), desc=f"preparing {split}")
         names = label_names(train_source)
