@@ -41,3 +41,13 @@ def set_at(path, value):
 @pytest.fixture
 def cli():
     return invoke_cli
+
+
+@pytest.fixture(scope="session")
+def scenes_files(tmp_path_factory):
+    """A tiny scenes set written as COCO files by the CLI: 12 training and 6 validation images of 64 px."""
+    out = tmp_path_factory.mktemp("scenes")
+    result = CliRunner().invoke(main, ["data", "scenes", "--out", str(out), "--train", "12", "--val", "6",
+                                       "--size", "64"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out

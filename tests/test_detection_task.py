@@ -17,17 +17,6 @@ from detseg.engine.trainer import Trainer
 TINY = ["train_size=12", "val_size=6", "image_size=64", "batch_size=4", "width=8", "rois_per_image=16"]
 
 
-@pytest.fixture(scope="module")
-def scenes_files(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scenes")
-    from detseg.cli import main
-    from click.testing import CliRunner
-    result = CliRunner().invoke(main, ["data", "scenes", "--out", str(out), "--train", "12", "--val", "6",
-                                       "--size", "64"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def _pycocotools_ap(ground_truth_json, predictions):
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ground_truth_json))

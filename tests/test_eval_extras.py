@@ -105,17 +105,6 @@ def test_confusion_matrix_of_hand_made_boxes():
     assert int(detection_confusion(ground_truth(), [], score_threshold=0.2)[0][:, 0].sum()) == 5   # all missed
 
 
-@pytest.fixture(scope="module")
-def scenes_files(tmp_path_factory):
-    from detseg.cli import main
-    from click.testing import CliRunner
-    out = tmp_path_factory.mktemp("scenes")
-    result = CliRunner().invoke(main, ["data", "scenes", "--out", str(out), "--train", "8", "--val", "6",
-                                       "--size", "64"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def _check_run_outputs(directory, val_json):
     for name in ("pr_curves.png", "confusion.png", "confusion.json", "predictions.json", "metrics.json"):
         assert (directory / name).is_file(), name
