@@ -118,8 +118,7 @@ def test_conf_and_max_det_set_the_detector_knobs(detector, scenes):
 
 def test_every_detector_family_has_the_knobs():
     families = [name for name in registry.names() if name.startswith("det/")]
-    references = {"det/torchvision_faster_rcnn", "det/torchvision_ssd"}      # torchvision's own defaults, no knobs
-    for name in set(families) - references:
+    for name in families:
         options = registry.get(name).all_options()
         assert {"score_thresh", "detections_per_image"} <= set(options), name
     from .detection_support import tiny_detector
@@ -128,7 +127,7 @@ def test_every_detector_family_has_the_knobs():
 
 @pytest.mark.parametrize("model_name, fragments", [
     ("cls/convnet", ["--conf", "cls/convnet is a classification model"]),
-    ("det/torchvision_ssd", ["--conf", "det/torchvision_ssd has no score_thresh knob"]),
+    ("seg/fcn_fullres", ["--conf", "seg/fcn_fullres is a segmentation model"]),
 ])
 def test_conf_on_a_model_without_the_knob_is_one_line(cli, tmp_path, scenes, model_name, fragments):
     checkpoint = tmp_path / "model.pt"           # only the model's name is read before the flags are refused

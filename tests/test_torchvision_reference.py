@@ -64,3 +64,18 @@ def test_a_few_steps_reduce_the_loss():
         optimizer.step()
         totals.append(float(loss.detach()))
     assert sum(totals[-3:]) / 3 < 0.5 * sum(totals[:3]) / 3, totals
+
+
+def test_the_references_take_the_test_time_knobs_predict_sets():
+    """`detseg predict --conf / --max-det` set score_thresh / detections_per_image; torchvision's rows honour them."""
+    from detseg import registry
+    from detseg.config import resolve
+
+    for name in ("det/torchvision_faster_rcnn", "det/torchvision_ssd"):
+        entry = registry.get(name)
+        config = resolve(entry.all_options(), {"width": 8, "image_size": 64, "score_thresh": 0.3,
+                                                "detections_per_image": 7})
+        detector = entry.build(config, {"num_classes": 8, "image_size": 64}).detector
+        heads = getattr(detector, "roi_heads", detector)
+        assert heads.score_thresh == 0.3, name
+        assert (heads.detections_per_img if hasattr(heads, "detections_per_img") else None) == 7, name

@@ -22,7 +22,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
-from ...config import number_list
+from ...config import Option, number_list
 from ..base import SCENES_MEAN, SCENES_STD, DetsegModel, as_float_image
 from .backbone import BACKBONE_OPTIONS, FPN_RPN_LEVELS, build_detection_backbone, fpn_levels
 from .faster_rcnn import TRAINING as FASTER_RCNN_TRAINING
@@ -30,7 +30,11 @@ from .rpn import RPN_OPTIONS, fpn_anchor_levels
 
 # The anchors are the one part of the RPN set to ours (torchvision's default sizes 32-512 suit 800 px images, not
 # 128 px scenes); the other RPN knobs are deliberately left at torchvision's defaults.
-OPTIONS = {**BACKBONE_OPTIONS, **{key: RPN_OPTIONS[key] for key in ("anchor_scales", "anchor_ratios")}}
+OPTIONS = {**BACKBONE_OPTIONS, **{key: RPN_OPTIONS[key] for key in ("anchor_scales", "anchor_ratios")},
+           # torchvision's own test-time defaults, as knobs so that `detseg predict --conf / --max-det` reach them
+           "score_thresh": Option(0.05, "detections below this class probability are dropped (box_score_thresh)",
+                                  min=0, max=1),
+           "detections_per_image": Option(100, "detections kept per image (box_detections_per_img)", min=1)}
 # The same optimiser settings as det/faster_rcnn, so that a benchmark's difference is the implementation's.
 TRAINING = dict(FASTER_RCNN_TRAINING)
 
@@ -97,6 +101,8 @@ def build(config: dict, info: dict) -> TorchvisionDetector:
     max_size = config.get("max_size", 0) or (side if not config.get("min_size", 0) else 100 * min_size)
     detector = FasterRCNN(
         backbone, num_classes=info["num_classes"], min_size=min_size, max_size=max_size,
+        box_score_thresh=config.get("score_thresh", 0.05),
+        box_detections_per_img=config.get("detections_per_image", 100),
         image_mean=list(SCENES_MEAN), image_std=list(SCENES_STD),
         rpn_anchor_generator=_anchor_generator(config),
         box_roi_pool=MultiScaleRoIAlign(list(levels or ["0"]), output_size=7, sampling_ratio=2),

@@ -38,6 +38,9 @@ OPTIONS = {
     **FEATURE_OPTIONS, **DEFAULT_BOX_OPTIONS,
     # A user of torchvision gets the default (N, C, H, W) layout; det/ssd's choice of channels-last is its own.
     "channels_last": Option(False, "run the convolutions on channels-last tensors (det/ssd's default)"),
+    # torchvision's own test-time defaults, as knobs so that `detseg predict --conf / --max-det` reach them
+    "score_thresh": Option(0.01, "detections below this score are dropped (torchvision SSD's default)", min=0, max=1),
+    "detections_per_image": Option(200, "detections kept per image (torchvision SSD's default)", min=1),
 }
 # The same optimiser settings as det/ssd, so that a benchmark's difference is the implementation's.
 TRAINING = dict(SSD_TRAINING)
@@ -65,5 +68,7 @@ def build(config: dict, info: dict) -> TorchvisionDetector:
     """torchvision's SSD on det/ssd's feature maps, input size, normalisation and default boxes."""
     side = info["image_size"]
     detector = SSD(build_features(config), default_box_generator(config, side), (side, side), info["num_classes"],
-                   image_mean=list(SCENES_MEAN), image_std=list(SCENES_STD))
+                   image_mean=list(SCENES_MEAN), image_std=list(SCENES_STD),
+                   score_thresh=config.get("score_thresh", 0.01),
+                   detections_per_img=config.get("detections_per_image", 200))
     return TorchvisionDetector(detector)
