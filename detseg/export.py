@@ -97,36 +97,32 @@ def onnx_session(model_file: str | Path | bytes, threads: int = 0):
 
 # ---- the per-family graphs: input tensor -> tuple of outputs ----------------------------------------------------
 
-class ClassifierGraph(nn.Module):
-    """Standardise, classify: (N, 3, H, W) or (N, D) -> logits (N, K), probabilities (N, K)."""
+class ModelGraph(nn.Module):
+    """What the exporter traces: one model's eval path as tensors in, a tuple of named outputs out."""
 
-    def __init__(self, model: Classifier):
+    def __init__(self, model: DetsegModel):
         super().__init__()
         self.model = model
+
+
+class ClassifierGraph(ModelGraph):
+    """Standardise, classify: (N, 3, H, W) or (N, D) -> logits (N, K), probabilities (N, K)."""
 
     def forward(self, inputs: torch.Tensor):
         logits = self.model.network(self.model.standardized(inputs))
         return logits, logits.softmax(dim=1)
 
 
-class SegmenterGraph(nn.Module):
+class SegmenterGraph(ModelGraph):
     """(N, 3, H, W) -> class scores (N, C, H, W) and labels (N, H, W) at the input's size."""
-
-    def __init__(self, model: Segmenter):
-        super().__init__()
-        self.model = model
 
     def forward(self, images: torch.Tensor):
         scores = self.model.scores(self.model.transform.batch(images))
         return scores, scores.argmax(dim=1)
 
 
-class LocalizerGraph(nn.Module):
+class LocalizerGraph(ModelGraph):
     """(N, 3, H, W) -> one box (N, 4) in input pixels, its class's probability (N,) and the class (N,)."""
-
-    def __init__(self, model: ClassifyLocalize):
-        super().__init__()
-        self.model = model
 
     def forward(self, images: torch.Tensor):
         batch = self.model.transform.batch(images)
@@ -138,12 +134,8 @@ class LocalizerGraph(nn.Module):
         return boxes_to_pixels(boxes, *batch.input_size), scores, labels
 
 
-class PoseGraph(nn.Module):
+class PoseGraph(ModelGraph):
     """(N, 3, H, W) -> joints (N, 14, 3): x, y in input pixels and 1, as the model's eval output."""
-
-    def __init__(self, model: PoseRegressor):
-        super().__init__()
-        self.model = model
 
     def forward(self, images: torch.Tensor):
         batch = self.model.transform.batch(images)
@@ -152,17 +144,13 @@ class PoseGraph(nn.Module):
         return torch.cat([joints, torch.ones_like(joints[..., :1])], dim=-1)
 
 
-class SingleShotGraph(nn.Module):
+class SingleShotGraph(ModelGraph):
     """One image (1, 3, H, W) -> its detections, through the model's own decoding and ``select``.
 
     ``select`` keeps the best ``pre_nms`` candidates only when more pass the threshold - a branch the trace would
     freeze. Scores outside the top ``pre_nms`` of all are set to -1 first (below any threshold), so the branch is
     never taken and the same candidates reach NMS: the top ``pre_nms`` above the threshold.
     """
-
-    def __init__(self, model: SingleShotDetector):
-        super().__init__()
-        self.model = model
 
     def forward(self, images: torch.Tensor):
         batch, _, outputs = self.model.outputs(images)
@@ -174,13 +162,9 @@ class SingleShotGraph(nn.Module):
         return found["boxes"], found["scores"], found["labels"]
 
 
-class RegionGraph(nn.Module):
+class RegionGraph(ModelGraph):
     """One image (1, 3, H, W) -> its detections: the detector's stages, then :meth:`RegionDetector.detections` for
     one image in tensor operations (that method splits the batch by ``len(proposals)``, which a trace freezes)."""
-
-    def __init__(self, model: RegionDetector):
-        super().__init__()
-        self.model = model
 
     def forward(self, images: torch.Tensor):
         model = self.model
