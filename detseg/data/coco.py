@@ -131,14 +131,19 @@ class RecordSource:
         """Where image ``index`` lives on disk."""
         return self._image_paths[index]
 
+    def check_size(self, index: int, width: int, height: int) -> None:
+        """A DataError unless image ``index``'s file (``width`` x ``height`` pixels) has the annotations' size."""
+        entry = self.images[index]
+        if (width, height) != (entry["width"], entry["height"]):
+            raise DataError(self.origin, f"image file {self._image_paths[index]} is {width}x{height} pixels but the "
+                            f"annotations say {entry['width']}x{entry['height']}", image_id=entry["id"],
+                            field="width/height")
+
     def sample(self, index: int) -> Sample:
         """Decode image ``index`` and hand out (copies of) its annotations; masks are left to the Dataset."""
         entry, path = self.images[index], self._image_paths[index]
         pixels = load_rgb(path, image_id=entry["id"])  # (H, W, 3) uint8
-        height, width = pixels.shape[:2]
-        if (height, width) != (entry["height"], entry["width"]):
-            raise DataError(self.origin, f"image file {path} is {width}x{height} pixels but the annotations say "
-                            f"{entry['width']}x{entry['height']}", image_id=entry["id"], field="width/height")
+        self.check_size(index, width=pixels.shape[1], height=pixels.shape[0])
         return Sample(image=pixels, image_id=entry["id"],
                       annotations=[dict(annotation) for annotation in self._annotations_of[index]],
                       file_name=entry["file_name"])

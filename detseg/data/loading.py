@@ -135,7 +135,7 @@ def check_image_headers(source, progress: bool = True, threads: int = 8) -> None
 
     Reading a header costs a fraction of a millisecond, and threads overlap the disk waits, so this stays fast for
     large sets; sources without files (the rendered scenes) are skipped."""
-    if not hasattr(source, "image_path"):
+    if not hasattr(source, "image_path") or not hasattr(source, "check_size"):
         return
 
     def check(index: int) -> None:
@@ -146,10 +146,7 @@ def check_image_headers(source, progress: bool = True, threads: int = 8) -> None
         except (OSError, ValueError, SyntaxError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise DataError(path, f"cannot read image header: {reason}", image_id=entry["id"]) from None
-        if (width, height) != (entry["width"], entry["height"]):
-            raise DataError(getattr(source, "origin", path), f"image file {path} is {width}x{height} pixels but "
-                            f"the annotations say {entry['width']}x{entry['height']}", image_id=entry["id"],
-                            field="width/height")
+        source.check_size(index, width=width, height=height)      # the same check as decoding makes
 
     with ThreadPoolExecutor(threads) as pool:
         for _ in tqdm(pool.map(check, range(len(source)), chunksize=64), total=len(source),

@@ -78,6 +78,16 @@ def aspect_shape(height: int, width: int, min_size: int, max_size: int = 0) -> t
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def input_shape(height: int, width: int, size: int | tuple[int, int], min_size: int = 0,
+                max_size: int = 0) -> tuple[int, int]:
+    """The (height, width) a model takes an image of this size at: ``size`` (a square's side or ``(height,
+    width)``), or with ``min_size > 0`` the aspect-preserving :func:`aspect_shape`. The data sets' stored copies
+    and :class:`ImageTransform` both follow this rule, so a stored copy reaches the network unresized."""
+    if min_size > 0:
+        return aspect_shape(height, width, min_size, max_size)
+    return _shape(size)
+
+
 def scale_target(target: dict, scale_x: float, scale_y: float, size: int | tuple[int, int]) -> dict:
     """A target of an image resized to ``size`` x ``size`` (or ``(height, width)``; x times ``scale_x``, y times
     ``scale_y``): boxes, proposals and joints scaled, the semantic map and instance masks resized by nearest
@@ -155,9 +165,7 @@ class ImageTransform(nn.Module):
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image of this size is resized to before batching."""
-        if self.keeps_aspect:
-            return aspect_shape(height, width, self.min_size, self.max_size)
-        return self.shape
+        return input_shape(height, width, self.shape, self.min_size, self.max_size)
 
     @contextmanager
     def resized_to(self, size: int | tuple[int, int]) -> Iterator[None]:

@@ -19,7 +19,7 @@ from ..data.loading import InMemorySet, SourceSet, check_image_headers, into_mem
 from ..data.scenes import ScenesSource
 from ..data.sources import open_source
 from ..errors import ConfigError
-from ..models.base import aspect_shape, resize_square, scale_target
+from ..models.base import input_shape, resize_square, scale_target
 
 LOADING_OPTIONS = {
     "loading": Option("auto", "memory: decode every image once into memory; stream: read each batch from disk "
@@ -50,7 +50,7 @@ def open_splits(config: dict, data: str | None, val: str | None, **scenes_kwargs
 class Resize:
     """The ``prepare`` step of a :class:`SourceSet`: ``convert`` the target, then bring image and target to the
     model's input size - ``image_size`` square, or with ``min_size > 0`` aspect-preserving (short side
-    ``min_size``, long side at most ``max_size``; :func:`detseg.models.base.aspect_shape`).
+    ``min_size``, long side at most ``max_size``): :func:`detseg.models.base.input_shape`, the models' own rule.
 
     The resize is the models' own (:func:`detseg.models.base.resize_square`), so a model given the original image
     sees exactly the stored copy. ``target["size"]`` records the (height, width) delivered, which scorers need to
@@ -61,17 +61,11 @@ class Resize:
     max_size: int = 0
     convert: Callable[[dict], dict] | None = None     # a module-level function, so worker processes can unpickle it
 
-    def shape(self, height: int, width: int) -> tuple[int, int]:
-        if self.min_size > 0:
-            return aspect_shape(height, width, self.min_size, self.max_size)
-        side = self.image_size
-        return (side, side) if isinstance(side, int) else tuple(side)
-
     def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
         if self.convert is not None:
             target = self.convert(target)
         height, width = image.shape[-2:]
-        shape = self.shape(height, width)
+        shape = input_shape(height, width, self.image_size, self.min_size, self.max_size)
         if shape != (height, width):
             image = resize_square(image, shape).to(torch.uint8)
             target = scale_target(target, shape[1] / width, shape[0] / height, shape)

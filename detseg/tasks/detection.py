@@ -97,7 +97,7 @@ class DetectionScorer(Scorer):
     pycocotools (``results`` is what predictions.json holds)."""
 
     def __init__(self, bundle: DataBundle):
-        self.sizes, self.side = bundle.extras["val_sizes"], bundle.info["image_size"]
+        self.sizes = bundle.extras["val_sizes"]
         self.ground_truth, self.category_of = bundle.extras["val_ground_truth"], bundle.extras["category_of"]
         self.image_ids, self.boxes, self.scores, self.labels = [], [], [], []
         self.results: list[dict] = []
@@ -105,7 +105,7 @@ class DetectionScorer(Scorer):
     def update(self, outputs: list[dict], targets: list[dict]) -> None:
         for detections, target in zip(outputs, targets):
             width, height = self.sizes[target["image_id"]]
-            input_height, input_width = target.get("size", (self.side, self.side))   # the image the model saw
+            input_height, input_width = target["size"]          # the image the model saw (dense.Resize)
             scale = torch.tensor([width / input_width, height / input_height] * 2, device=detections["boxes"].device)
             self.image_ids.append(target["image_id"])
             self.boxes.append(detections["boxes"] * scale)            # model-input pixels -> the original image's
