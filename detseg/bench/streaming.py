@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..data.export import write_scenes
 from ..io import write_json
+from .detection_runs import prepare_scenes
 
 TARGETS = {"first_step_s": 30.0, "max_rss_gb": 3.0, "max_pss_sum_gb": 4.0}
 GIB = 1024 ** 3
@@ -34,11 +34,9 @@ def _settings(quick: bool) -> dict:
 
 
 def prepare_files(out: Path, settings: dict) -> Path:
-    """The COCO-format set on disk (made once; a marker file says it is complete)."""
+    """The COCO-format set on disk, written once (kept while its image counts match)."""
     root = out / f"scenes{settings['size']}-{settings['train']}"
-    if not (root / "complete").is_file():
-        write_scenes(root, train=settings["train"], val=settings["val"], size=settings["size"], seed=0)
-        (root / "complete").write_text("written by detseg bench streaming\n")
+    prepare_scenes(root, {"train": settings["train"], "val": settings["val"], "image_size": settings["size"]})
     return root
 
 
