@@ -154,7 +154,7 @@ def test_time_overrides(checkpoint: str | Path, conf: float | None, max_det: int
     model_name = load_checkpoint(checkpoint)["model_name"]     # read once more only with these flags
     entry = registry.get(model_name)
     flags = " / ".join(KNOB_FLAGS[key] for key in given)
-    if entry.task.name != "detection":
+    if not getattr(entry.task, "detects_boxes", False):
         raise ConfigError(f"{flags}: {model_name} is a {entry.task.name} model; these flags set a detector's score "
                           f"threshold and detections per image")
     options = entry.all_options()
@@ -326,7 +326,7 @@ class Predictor:
         self.model, self.info, self.device = model.eval(), payload["info"], device
         self.task = registry.get(payload["model_name"]).make_task(dict(payload["config"]))
         self.task.check_predictable(self.info)
-        self.detector = self.task.name == "detection"
+        self.detector = getattr(self.task, "detects_boxes", False)     # detection and instance segmentation
         self.out, self.batch_size, self.workers, self.draw = out, batch_size, workers, draw and out is not None
         self.image_ids: dict[str, int] | None = None        # the --coco json's, else 1..N
         self.category_of = category_ids(self.info, None)

@@ -21,6 +21,7 @@ _MODEL_MODULES = (
     "detseg.tasks.segmentation",
     "detseg.tasks.localization",
     "detseg.tasks.detection",
+    "detseg.tasks.instance",
 )
 _loaded = False
 

@@ -127,7 +127,18 @@ class DetectionScorer(Scorer):
 class DetectionTask(Task):
     name = "detection"
     main_metric = "ap"
+    detects_boxes = True                      # predict writes COCO box results (so do instance tasks)
     options = DETECTION_OPTIONS
+    fields = DETECTION_FIELDS                 # what the data sets decode beyond boxes (instance tasks: masks, joints)
+    convert = staticmethod(plain_target)      # a target as the models train on it (module-level: workers pickle it)
+
+    def augmentation(self, source) -> Augmentation:
+        """The training augmentation (flips, jitter, crops, colour) of this run."""
+        return Augmentation(hflip=self.config["hflip"], **knobs_of(AUGMENT_OPTIONS, self.config))
+
+    def extend_info(self, info: dict, source) -> dict:
+        """What a model of this task must know about the data beyond its classes (nothing for box detectors)."""
+        return info
 
     def make_data(self, data: str | None, val: str | None) -> DataBundle:
         config = self.config
@@ -140,12 +151,11 @@ class DetectionTask(Task):
         if selective_search and config["loading"] == "stream":
             raise ConfigError("loading=stream: Selective Search detectors train on proposals precomputed once per "
                               "image, which needs the images in memory; use loading=memory (or auto)")
-        resize = Resize(config["image_size"], config["min_size"], config["max_size"], convert=plain_target)
+        resize = Resize(config["image_size"], config["min_size"], config["max_size"], convert=self.convert)
         sets = {}
         for split, source in (("train", train_source), ("val", val_source)):
-            augment = (Augmentation(hflip=config["hflip"], **knobs_of(AUGMENT_OPTIONS, config)) if split == "train"
-                       else None)
-            sets[split] = open_set(source, config, resize, augment, fields=DETECTION_FIELDS,
+            augment = self.augmentation(source) if split == "train" else None
+            sets[split] = open_set(source, config, resize, augment, fields=self.fields,
                                    desc=f"preparing {split}", in_memory=True if selective_search else None)
             if selective_search and split == "train":
                 train_set = sets[split]
@@ -157,6 +167,7 @@ class DetectionTask(Task):
         sizes = {int(image["id"]): (int(image["width"]), int(image["height"])) for image in val_source.images}
         info = {"num_classes": len(train_names), "class_names": train_names, "image_size": config["image_size"],
                 "category_ids": list(label_maps(train_source)[1])}   # label -> COCO id, for `detseg predict`
+        info = self.extend_info(info, train_source)
         extras = {"val_ground_truth": coco_ground_truth(val_source), "val_sizes": sizes,
                   "category_of": list(label_maps(val_source)[1])}
         return DataBundle(sets["train"], sets["val"], info, extras)

@@ -195,12 +195,14 @@ class RegionDetector(DetsegModel):
         return detections
 
     @torch.no_grad()
-    def sample_rois(self, proposals: list[torch.Tensor], targets: list[dict]):
+    def sample_rois(self, proposals: list[torch.Tensor], targets: list[dict], with_matches: bool = False):
         """Per image: match proposals to ground truth, sample a balanced mini-batch, encode its box targets.
 
-        Returns the sampled RoIs per image, their labels (R,) and delta targets (R, 4), rows in image order.
+        Returns the sampled RoIs per image, their labels (R,) and delta targets (R, 4), rows in image order; with
+        ``with_matches`` also, per image, the index of each sampled RoI's ground-truth object (negative for
+        background), which heads with per-object targets (Mask R-CNN's masks and joints) need.
         """
-        rois, labels, delta_targets = [], [], []
+        rois, labels, delta_targets, matches = [], [], [], []
         for image_proposals, target in zip(proposals, targets):
             gt_boxes = target["boxes"].to(image_proposals)
             crowd = target.get("iscrowd")
@@ -215,7 +217,10 @@ class RegionDetector(DetsegModel):
             chosen = torch.cat([positives, negatives])
             rois.append(image_proposals[chosen])
             labels.append(assigned.labels[chosen])
+            matches.append(assigned.matches[chosen])
             delta_targets.append(encode_box_deltas(image_proposals[chosen], assigned.boxes[chosen], ROI_BOX_WEIGHTS))
+        if with_matches:
+            return rois, torch.cat(labels), torch.cat(delta_targets), matches
         return rois, torch.cat(labels), torch.cat(delta_targets)
 
     def detections(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: list[torch.Tensor],
