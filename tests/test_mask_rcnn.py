@@ -165,3 +165,17 @@ def test_either_head_can_be_switched_off(flags):
         output = model(images)[0]
     assert ("masks" in output) == ("masks=false" not in flags)
     assert ("keypoints" in output) == ("keypoints=false" not in flags)
+
+
+def test_bench_roialign_trains_the_three_runs_and_reports_them(tmp_path):
+    from detseg.bench import roialign
+    settings = {"train_size": 6, "val_size": 3, "epochs": 1,
+                "knobs": {"image_size": 64, "width": 8, "batch_size": 3}}
+    results = roialign.run(tmp_path, settings=settings)
+    names = [row["name"] for row in results["rows"]]
+    assert names == ["mask_rcnn_roialign", "mask_rcnn_roipool", "faster_rcnn"]
+    assert "segm_ap" in results["rows"][1] and "segm_ap" not in results["rows"][2]
+    text = (tmp_path / "report.md").read_text()
+    assert "RoIAlign over RoIPool" in text and "| mask_rcnn_roipool |" in text
+    pooled = torch.load(tmp_path / "runs" / "mask_rcnn_roipool" / "best.pt", weights_only=False)
+    assert pooled["config"]["pool"] == "roi_pool"

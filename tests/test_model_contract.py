@@ -35,6 +35,14 @@ def _targets(task: str, sizes) -> list[dict]:
             boxes = torch.cat([box, torch.tensor([[5.0, 5.0, 0.3 * width, 0.35 * height]])])
             targets.append({"boxes": boxes, "labels": torch.tensor([1, 4]), "iscrowd": torch.zeros(2, dtype=torch.long),
                             "image_id": index})
+            if task == "instance":      # a mask per object; the second object is a person (label 7) with joints
+                masks = torch.zeros(2, height, width, dtype=torch.uint8)
+                for row, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+                    masks[row, y1:y2, x1:x2] = 1
+                joints = torch.zeros(2, 14, 3)
+                joints[1, :, :2] = boxes[1, :2] + torch.rand(14, 2, generator=generator) * (boxes[1, 2:] - boxes[1, :2])
+                joints[1, :, 2] = 2.0
+                targets[-1].update(labels=torch.tensor([1, 7]), masks=masks, keypoints=joints)
     return targets
 
 

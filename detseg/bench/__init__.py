@@ -19,6 +19,8 @@ STUDIES = {
     "streaming": "detseg.bench.streaming",
     "predict": "detseg.bench.predict",
     "export": "detseg.bench.export",
+    "convert": "detseg.bench.convert",
+    "roialign": "detseg.bench.roialign",
 }
 
 

@@ -37,7 +37,7 @@ from .heads import KeypointHead, MaskHead, decode_keypoints, keypoint_loss, mask
 INSTANCE_OPTIONS = {
     "masks": Option(True, "a mask head: one 28 x 28 mask per detection"),
     "keypoints": Option(True, "a keypoint head for the category with joints (people), when the data has joints"),
-    "mask_channels": Option("64,64", "mask head: channels of its 3 x 3 convolutions, one entry per layer "
+    "mask_channels": Option("32,32", "mask head: channels of its 3 x 3 convolutions, one entry per layer "
                                      "(He et al.: 256,256,256,256)"),
     "mask_pool_size": Option(14, "mask head: RoIAlign grid; the masks are twice this size", min=2),
     "keypoint_channels": Option("64,64,64,64", "keypoint head: channels of its 3 x 3 convolutions, one entry per "
