@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .. import api
+from .. import api, registry
 from ..io import write_json
 from ..viz import save_report
 
@@ -40,12 +40,11 @@ KEYS = ("ap", "ap50", "segm_ap", "segm_ap50", "segm_ap75", "segm_ap_small", "kp_
 def train_run(name: str, model: str, overrides: dict, settings: dict, out: Path) -> dict:
     knobs = {"train_size": settings["train_size"], "val_size": settings["val_size"],
              **settings.get("knobs", {}), **overrides}
-    if model.startswith("det/"):    # the box detector has no mask or keypoint knobs
-        knobs = {key: value for key, value in knobs.items() if key not in ("masks", "keypoints", "mask_channels",
-                                                                          "keypoint_channels")}
+    known = registry.get(model).all_options()          # the box detector has no mask or keypoint knobs
+    knobs = {key: value for key, value in knobs.items() if key in known}
     started = time.perf_counter()
-    metrics = api.train(model, epochs=settings["epochs"], seed=0, out=out / "runs" / name, overrides=knobs, progress=False,
-                        verbose=False)
+    metrics = api.train(model, epochs=settings["epochs"], seed=0, out=out / "runs" / name, overrides=knobs,
+                        progress=False, verbose=False)
     row = {"name": name, "model": model, "overrides": overrides, "wall_seconds": time.perf_counter() - started,
            "train_seconds": metrics["train_seconds"], "epochs": metrics["epochs"]}
     row.update({key: metrics[key] for key in KEYS if key in metrics})

@@ -102,11 +102,16 @@ class DetectionScorer(Scorer):
         self.image_ids, self.boxes, self.scores, self.labels = [], [], [], []
         self.results: list[dict] = []
 
+    def scale_to_original(self, target: dict) -> tuple[float, float]:
+        """(sx, sy) from the pixels of the image the model saw (``target["size"]``, :class:`dense.Resize`) to the
+        original image's."""
+        width, height = self.sizes[target["image_id"]]
+        input_height, input_width = target["size"]
+        return width / input_width, height / input_height
+
     def update(self, outputs: list[dict], targets: list[dict]) -> None:
         for detections, target in zip(outputs, targets):
-            width, height = self.sizes[target["image_id"]]
-            input_height, input_width = target["size"]          # the image the model saw (dense.Resize)
-            scale = torch.tensor([width / input_width, height / input_height] * 2, device=detections["boxes"].device)
+            scale = torch.tensor(self.scale_to_original(target) * 2, device=detections["boxes"].device)
             self.image_ids.append(target["image_id"])
             self.boxes.append(detections["boxes"] * scale)            # model-input pixels -> the original image's
             self.scores.append(detections["scores"])

@@ -43,8 +43,10 @@ def keypoint_category(source) -> dict | None:
 
 def _resized_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(D, h, w) bool -> (D, H, W) bool, nearest neighbour (masks predicted on a resized copy of an image)."""
-    if tuple(masks.shape[-2:]) == tuple(size) or len(masks) == 0:
-        return masks.new_zeros((len(masks), *size)) if len(masks) == 0 else masks
+    if len(masks) == 0:
+        return masks.new_zeros((0, *size))
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
     return F.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0.5
 
 
@@ -73,10 +75,10 @@ class InstanceScorer(DetectionScorer):
             if "keypoints" in detections and self.keypoint_class:
                 self.has_keypoints = True
                 people = (detections["labels"] == self.keypoint_class).cpu()
-                input_height, input_width = target["size"]
+                scale_x, scale_y = self.scale_to_original(target)
                 joints = detections["keypoints"].cpu()[people].clone()                     # (P, J, 3)
-                joints[..., 0] *= width / input_width
-                joints[..., 1] *= height / input_height
+                joints[..., 0] *= scale_x
+                joints[..., 1] *= scale_y
                 joints[..., 2] = 1.0            # COCO's OKS ignores predicted visibilities; the score is the box's
                 self.keypoint_results += results_from_keypoints(
                     [image_id], [joints], [detections["scores"].cpu()[people]],
@@ -165,9 +167,10 @@ class InstanceTask(DetectionTask):
             masks = torch.from_numpy(prediction["_masks"][shown]).bool()
             picture = draw_segmentation_masks(picture, masks, alpha=0.45, colors=colors)
         picture = super().draw(picture.permute(1, 2, 0).numpy(), prediction, info, min_score)
-        people = [i for i in shown if (prediction.get("keypoints") or [None] * (i + 1))[i] is not None]
+        joints_of = prediction.get("keypoints") or [None] * len(prediction["scores"])
+        people = [i for i in shown if joints_of[i] is not None]
         if people:
-            joints = torch.tensor([[joint[:2] for joint in prediction["keypoints"][i]] for i in people])
+            joints = torch.tensor([[joint[:2] for joint in joints_of[i]] for i in people])
             picture = draw_keypoints(picture, joints, connectivity=[tuple(pair) for pair in info.get("skeleton", [])],
                                      colors="yellow", radius=1, width=1)
         return picture

@@ -178,20 +178,34 @@ class RegionDetector(DetsegModel):
 
     def training_losses(self, images: Images, targets: list[dict]) -> dict[str, torch.Tensor]:
         batch, targets, head_input, proposals, proposal_losses = self._propose(images, targets)
-        rois, labels, delta_targets = self.sample_rois(proposals, targets)
+        rois, labels, delta_targets, matches = self.sample_rois(proposals, targets, with_matches=True)
         logits, deltas = self.roi_head(head_input, rois, batch.input_size)
-        losses = {**proposal_losses, **fast_rcnn_loss(logits, deltas, labels, delta_targets)}
+        losses = {**proposal_losses, **fast_rcnn_loss(logits, deltas, labels, delta_targets),
+                  **self.region_losses(head_input, batch.input_size, targets, rois, labels, matches)}
         return {name: value * self.loss_weights.get(name, 1.0) for name, value in losses.items()}
+
+    def region_losses(self, features, input_size: tuple[int, int], targets: list[dict], rois: list[torch.Tensor],
+                      labels: torch.Tensor, matches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses of heads that run beside the box head on the same sampled RoIs (Mask R-CNN's masks and joints):
+        ``labels`` (R,) as the box head's, ``matches`` per image the ground-truth index of each RoI. None here."""
+        return {}
+
+    def region_outputs(self, features, input_size: tuple[int, int], detections: list[dict]) -> None:
+        """Per-detection outputs of heads behind the box head, added to ``detections`` (boxes still in input
+        pixels; a ``keypoints`` entry is mapped back to the image with the boxes). Nothing here."""
 
     def inference(self, images: Images) -> list[dict]:
         batch, _, head_input, proposals, _ = self._propose(images, None)
         with self._stage("per_region"):
             logits, deltas = self.roi_head(head_input, proposals, batch.input_size)
             detections = self.detections(logits, deltas, proposals, batch.image_sizes)
+            self.region_outputs(head_input, batch.input_size, detections)
         for index, found in enumerate(detections):
             if batch.resized(index):
-                found["boxes"] = self.transform.boxes_to_original(found["boxes"], batch.original_sizes[index],
-                                                                  batch.image_sizes[index])
+                original, resized = batch.original_sizes[index], batch.image_sizes[index]
+                found["boxes"] = self.transform.boxes_to_original(found["boxes"], original, resized)
+                if "keypoints" in found:
+                    found["keypoints"] = self.transform.keypoints_to_original(found["keypoints"], original, resized)
         return detections
 
     @torch.no_grad()

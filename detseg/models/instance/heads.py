@@ -82,6 +82,7 @@ class KeypointHead(nn.Module):
     def __init__(self, in_channels: int, num_keypoints: int, channels: Sequence[int] = (512,) * 8,
                  pool_size: int = 14, pool: str = "roi_align", fpn_levels: tuple[str, ...] | None = None):
         super().__init__()
+        self.num_keypoints = num_keypoints
         self.pooling = RegionPooling(pool_size, pool, fpn_levels)
         self.convs = conv_stack(in_channels, channels)
         width = channels[-1] if channels else in_channels

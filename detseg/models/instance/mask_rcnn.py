@@ -22,14 +22,13 @@ mask of a 20 px object does not. ``pool=roi_pool`` builds the same model with qu
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ...config import Option, number_list
 from ..base import Images
 from ..detection import faster_rcnn
 from ..detection.backbone import build_detection_backbone, fpn_levels
 from ..detection.fast_rcnn import build_roi_pool_head
-from ..detection.generalized import RegionDetector, detector_transform, fast_rcnn_loss
+from ..detection.generalized import RegionDetector, detector_transform
 from ..detection.heads import roi_head_settings
 from ..detection.rpn import build_rpn
 from .heads import KeypointHead, MaskHead, decode_keypoints, keypoint_loss, mask_loss, mask_targets, paste_masks
@@ -72,25 +71,22 @@ class MaskRCNN(RegionDetector):
         self.mask_head, self.keypoint_head = mask_head, keypoint_head
         self.keypoint_class, self.mask_thresh = keypoint_class, mask_thresh
 
-    def training_losses(self, images: Images, targets: list[dict]) -> dict[str, torch.Tensor]:
-        batch, targets, head_input, proposals, proposal_losses = self._propose(images, targets)
-        rois, labels, delta_targets, matches = self.sample_rois(proposals, targets, with_matches=True)
-        logits, deltas = self.roi_head(head_input, rois, batch.input_size)
-        losses = {**proposal_losses, **fast_rcnn_loss(logits, deltas, labels, delta_targets)}
-        # The positive RoIs of every image and the object each one matched: the new heads' training examples.
+    def region_losses(self, features, input_size, targets, rois, labels, matches) -> dict[str, torch.Tensor]:
+        """The mask and keypoint losses, on the positive RoIs of every image and the object each one matched."""
         positive_rois, positive_labels, positive_objects = [], [], []
         for image_rois, image_labels, image_matches in zip(rois, labels.split([len(r) for r in rois]), matches):
             positive = image_labels > 0
             positive_rois.append(image_rois[positive])
             positive_labels.append(image_labels[positive])
             positive_objects.append(image_matches[positive])
+        losses = {}
         if self.mask_head is not None:
-            losses["mask"] = self._mask_loss(head_input, batch.input_size, targets, positive_rois, positive_labels,
+            losses["mask"] = self._mask_loss(features, input_size, targets, positive_rois, positive_labels,
                                              positive_objects)
         if self.keypoint_head is not None:
-            losses["keypoint"] = self._keypoint_loss(head_input, batch.input_size, targets, positive_rois,
-                                                     positive_labels, positive_objects)
-        return {name: value * self.loss_weights.get(name, 1.0) for name, value in losses.items()}
+            losses["keypoint"] = self._keypoint_loss(features, input_size, targets, positive_rois, positive_labels,
+                                                     positive_objects)
+        return losses
 
     def _mask_loss(self, features, input_size, targets, rois, labels, objects) -> torch.Tensor:
         mask_logits = self.mask_head(features, rois, input_size)                             # (P, K+1, M, M)
@@ -107,46 +103,37 @@ class MaskRCNN(RegionDetector):
         heatmaps = self.keypoint_head(features, person_rois, input_size)                     # (P, J, S, S)
         return keypoint_loss(heatmaps, joints, torch.cat(person_rois))
 
-    def inference(self, images: Images) -> list[dict]:
-        batch, _, head_input, proposals, _ = self._propose(images, None)
-        with self._stage("per_region"):
-            logits, deltas = self.roi_head(head_input, proposals, batch.input_size)
-            detections = self.detections(logits, deltas, proposals, batch.image_sizes)
-            boxes = [found["boxes"] for found in detections]                                # input pixels
-            counts = [len(b) for b in boxes]
-            if self.mask_head is not None:
-                mask_logits = self.mask_head(head_input, boxes, batch.input_size)            # (D, K+1, M, M)
-                chosen = torch.cat([found["labels"] for found in detections])
-                probabilities = mask_logits[torch.arange(len(chosen), device=chosen.device), chosen].sigmoid()
-                for found, image_probabilities in zip(detections, probabilities.split(counts)):
-                    found["_mask_probabilities"] = image_probabilities                       # (D_i, M, M)
-            if self.keypoint_head is not None:
-                for found in detections:
-                    found["keypoints"] = found["boxes"].new_zeros((len(found["boxes"]), self.keypoint_head_joints, 3))
-                people = [found["labels"] == self.keypoint_class for found in detections]
-                person_boxes = [image_boxes[keep] for image_boxes, keep in zip(boxes, people)]
-                if sum(len(b) for b in person_boxes):
-                    heatmaps = self.keypoint_head(head_input, person_boxes, batch.input_size)  # (P, J, S, S)
-                    joints = decode_keypoints(heatmaps, torch.cat(person_boxes))            # (P, J, 3)
-                    for found, keep, image_joints in zip(detections, people,
-                                                         joints.split([len(b) for b in person_boxes])):
-                        found["keypoints"][keep] = image_joints
-        for index, found in enumerate(detections):
-            original, resized = batch.original_sizes[index], batch.image_sizes[index]
-            if batch.resized(index):
-                found["boxes"] = self.transform.boxes_to_original(found["boxes"], original, resized)
-                if "keypoints" in found:
-                    found["keypoints"] = self.transform.keypoints_to_original(found["keypoints"], original, resized)
-            if "_mask_probabilities" in found:
-                # Pasted at the image's own resolution, at the boxes in its pixels (finer than pasting at the
-                # network's input size and resizing the binary masks).
-                found["masks"] = paste_masks(found.pop("_mask_probabilities"), found["boxes"], original,
-                                             self.mask_thresh)
-        return detections
+    def region_outputs(self, features, input_size, detections: list[dict]) -> None:
+        """28 x 28 mask probabilities of each detection's class (pasted by :meth:`inference`) and the joints of
+        each detection of the keypoint class, in input pixels."""
+        boxes = [found["boxes"] for found in detections]
+        if self.mask_head is not None:
+            mask_logits = self.mask_head(features, boxes, input_size)                        # (D, K+1, M, M)
+            chosen = torch.cat([found["labels"] for found in detections])
+            probabilities = mask_logits[torch.arange(len(chosen), device=chosen.device), chosen].sigmoid()
+            for found, image_probabilities in zip(detections, probabilities.split([len(b) for b in boxes])):
+                found["_mask_probabilities"] = image_probabilities                           # (D_i, M, M)
+        if self.keypoint_head is not None:
+            people = [found["labels"] == self.keypoint_class for found in detections]
+            person_boxes = [image_boxes[keep] for image_boxes, keep in zip(boxes, people)]
+            for found in detections:
+                found["keypoints"] = found["boxes"].new_zeros((len(found["boxes"]), self.keypoint_head.num_keypoints,
+                                                               3))
+            if sum(len(b) for b in person_boxes):
+                heatmaps = self.keypoint_head(features, person_boxes, input_size)            # (P, J, S, S)
+                joints = decode_keypoints(heatmaps, torch.cat(person_boxes))                # (P, J, 3)
+                for found, keep, image_joints in zip(detections, people, joints.split([len(b) for b in person_boxes])):
+                    found["keypoints"][keep] = image_joints
 
-    @property
-    def keypoint_head_joints(self) -> int:
-        return self.keypoint_head.upsample.out_channels
+    def inference(self, images: Images) -> list[dict]:
+        detections = super().inference(images)
+        # Masks are pasted at each image's own resolution, at the boxes in its pixels (finer than pasting at the
+        # network's input size and resizing the binary masks).
+        for image, found in zip(images, detections):
+            if "_mask_probabilities" in found:
+                found["masks"] = paste_masks(found.pop("_mask_probabilities"), found["boxes"],
+                                             tuple(image.shape[-2:]), self.mask_thresh)
+        return detections
 
 
 def build(config: dict, info: dict) -> MaskRCNN:
