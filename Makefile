@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,hyperquest,export]'
+	$(BIN)/python -m pip install --quiet -e '.[test,hyperquest,export,bench]'
 	touch $(STAMP)
 
 demo: setup

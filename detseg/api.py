@@ -240,6 +240,14 @@ def predict(checkpoint: str | Path, images: Iterable[str | Path], *, out: str | 
                          coco=coco, draw=draw, progress=progress).results
 
 
+def convert_torchvision(name: str, state_dict: str | Path, *, out: str | Path, bn_eps: float | None = None) -> Path:
+    """A detseg checkpoint from torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` /
+    ``keypointrcnn_resnet50_fpn`` state dict (either key layout); see :mod:`detseg.convert`."""
+    from .convert import convert_torchvision as convert
+
+    return convert(name, state_dict, out, bn_eps)
+
+
 def export(checkpoint: str | Path, *, format: str = "onnx", out: str | Path | None = None, dynamic: bool = False,
            size: str | int | tuple[int, int] | None = None, check: bool = True) -> dict:
     """Export a checkpoint to an ONNX file (default: beside the checkpoint, ``.onnx``), then run the file in

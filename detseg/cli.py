@@ -251,5 +251,26 @@ def export_command(checkpoint, fmt, dynamic, size, out) -> None:
         sys.exit(1)
 
 
+@main.group("convert")
+def convert_group() -> None:
+    """Checkpoints of other libraries as detseg checkpoints."""
+
+
+@convert_group.command("torchvision")
+@click.argument("name", type=click.Choice(["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn",
+                                           "keypointrcnn_resnet50_fpn"]))
+@click.argument("state_dict", type=click.Path())
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="detseg checkpoint to write (.pt).")
+@click.option("--bn-eps", default=None, type=float,
+              help="Batch-norm epsilon (default: 0 for FrozenBatchNorm2d state dicts, as torchvision loads its "
+                   "published weights; 1e-5 for BatchNorm2d ones).")
+def convert_torchvision_command(name, state_dict, out, bn_eps) -> None:
+    """Convert torchvision's NAME state dict (STATE_DICT.pth) into a detseg checkpoint for predict / eval / export."""
+    from . import api
+
+    path = api.convert_torchvision(name, state_dict, out=out, bn_eps=bn_eps)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -91,26 +91,32 @@ class ResNetTrunk(nn.Module):
         return self.body(images)
 
 
-def torchvision_backbone(name: str = "resnet18", fpn: bool = False, weights=None) -> nn.Module:
+def torchvision_backbone(name: str = "resnet18", fpn: bool = False, weights=None, norm: str = "batch",
+                         eps: float = 1e-5) -> nn.Module:
     """A randomly initialised torchvision ResNet trunk, or ResNet + feature pyramid (``fpn=True``).
 
     Without FPN the module returns one map with ``out_channels`` 512 (resnet18) or 2048 (resnet50) at stride 32.
     With FPN it is torchvision's ``BackboneWithFPN``: an ``OrderedDict`` of 256-channel maps ``'0'..'3'`` and
     ``'pool'`` at strides 4, 8, 16, 32, 64 (listed in ``strides``). Batch norm is the trainable kind, not the frozen
-    kind torchvision defaults to, because frozen statistics only make sense for pretrained weights.
+    kind torchvision defaults to, because frozen statistics only make sense for pretrained weights;
+    ``norm="frozen"`` gives torchvision's ``FrozenBatchNorm2d`` (with ``eps``) for its converted checkpoints.
     """
     if weights is not None:
         raise ConfigError(f"weights={weights!r}: pretrained weights are not used; backbones train from scratch "
                           "(weights=None)")
     if name not in _RESNET_CHANNELS:
         raise ConfigError(f"backbone={name}: choose one of {', '.join(_RESNET_CHANNELS)}")
+    import functools
+
     import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+    norm_layer = functools.partial(FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d, eps=eps)
     if fpn:
         from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-        model = resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5)
+        model = resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=norm_layer, trainable_layers=5)
         model.strides = (4, 8, 16, 32, 64)
         return model
-    resnet = torchvision.models.get_model(name, weights=None)
+    resnet = torchvision.models.get_model(name, weights=None, norm_layer=norm_layer)
     return ResNetTrunk(resnet, _RESNET_CHANNELS[name])
 
 

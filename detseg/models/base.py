@@ -9,6 +9,7 @@ checkpoint), and maps what the network predicts back to each image's own pixels.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -76,6 +77,20 @@ def aspect_shape(height: int, width: int, min_size: int, max_size: int = 0) -> t
     if max_size and max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def torchvision_scale(height: int, width: int, min_size: int, max_size: int = 0) -> float:
+    """torchvision's resize factor: ``min(min_size / short side, max_size / long side)``, in double precision as
+    its ``GeneralizedRCNNTransform`` computes it (0 = no limit on the long side)."""
+    scale = min_size / min(height, width)
+    return min(scale, max_size / max(height, width)) if max_size else scale
+
+
+def torchvision_shape(height: int, width: int, min_size: int, max_size: int = 0) -> tuple[int, int]:
+    """The size ``F.interpolate(scale_factor=torchvision_scale(...), recompute_scale_factor=True)`` gives: floors,
+    where :func:`aspect_shape` rounds."""
+    scale = torchvision_scale(height, width, min_size, max_size)
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
 
 
 def input_shape(height: int, width: int, size: int | tuple[int, int], min_size: int = 0,
@@ -147,12 +162,19 @@ class ImageTransform(nn.Module):
     Resizing is bilinear with antialiasing, in 0-255 units rounded to whole values, exactly what the data sets do
     when they store a resized copy: an image given at its original size and its stored copy give the same input.
     ``mean`` / ``std`` are per-channel statistics of [0, 1] pixels, registered as buffers (saved with the weights).
+
+    ``resize="torchvision"`` (aspect-preserving only) does what torchvision's ``GeneralizedRCNNTransform`` does
+    instead, to the last bit: normalise first, then plain bilinear interpolation at :func:`torchvision_scale`, sizes
+    floored, zero padding - so a converted torchvision checkpoint sees the very input its own model would.
     """
 
     def __init__(self, size: int | tuple[int, int], mean: Sequence[float] = SCENES_MEAN,
                  std: Sequence[float] = SCENES_STD, min_size: int = 0, max_size: int = 0,
-                 size_divisible: int = 32):
+                 size_divisible: int = 32, resize: str = "detseg"):
         super().__init__()
+        if resize not in ("detseg", "torchvision"):
+            raise ValueError(f"resize={resize!r}: detseg or torchvision")
+        self.resize = resize if min_size > 0 else "detseg"
         self.size = size if isinstance(size, int) else _shape(size)
         self.shape = _shape(size)
         self.min_size, self.max_size, self.size_divisible = int(min_size), int(max_size), int(size_divisible)
@@ -165,6 +187,8 @@ class ImageTransform(nn.Module):
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image of this size is resized to before batching."""
+        if self.resize == "torchvision" and self.min_size > 0:
+            return torchvision_shape(height, width, self.min_size, self.max_size)
         return input_shape(height, width, self.shape, self.min_size, self.max_size)
 
     @contextmanager
@@ -186,6 +210,8 @@ class ImageTransform(nn.Module):
         return resize_square(image * 255.0, shape) / 255.0
 
     def batch(self, images: Images) -> Batch:
+        if self.resize == "torchvision" and self.min_size > 0:
+            return self._torchvision_batch(images)
         if torch.is_tensor(images) and images.dim() == 4:
             sizes = [tuple(images.shape[-2:])] * len(images)
             shapes = [self.resized_shape(*size) for size in sizes]
@@ -208,6 +234,30 @@ class ImageTransform(nn.Module):
             pixels = self._padded(pixels)
         normalized = (pixels - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
         return Batch(normalized, pixels, sizes, shapes)
+
+    def _torchvision_batch(self, images: Images) -> Batch:
+        """Normalise, resize (plain bilinear at torchvision's scale), pad with zeros: torchvision's order."""
+        mean, std = self.mean.view(3, 1, 1), self.std.view(3, 1, 1)
+        sizes, normalized = [], []
+        for image in images:
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected (3, H, W) images, got shape {tuple(image.shape)}")
+            height, width = image.shape[-2:]
+            sizes.append((int(height), int(width)))
+            scaled = (as_float_image(image) - mean) / std
+            scale = torchvision_scale(height, width, self.min_size, self.max_size)
+            normalized.append(F.interpolate(scaled[None], scale_factor=scale, mode="bilinear",
+                                            recompute_scale_factor=True, align_corners=False)[0])
+        if not normalized:
+            raise ValueError("no images given")
+        shapes = [tuple(image.shape[-2:]) for image in normalized]
+        step = max(1, self.size_divisible)
+        height = -(-max(shape[0] for shape in shapes) // step) * step
+        width = -(-max(shape[1] for shape in shapes) // step) * step
+        batch = normalized[0].new_zeros((len(normalized), 3, height, width))
+        for row, image in enumerate(normalized):
+            batch[row, :, :image.shape[-2], :image.shape[-1]] = image
+        return Batch(batch, batch * self.std.view(1, 3, 1, 1) + self.mean.view(1, 3, 1, 1), sizes, shapes)
 
     def _padded(self, images: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """(3, h_i, w_i) images -> (N, 3, H, W), H and W the largest sides rounded up to ``size_divisible``; the

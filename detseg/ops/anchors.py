@@ -16,6 +16,10 @@ Conventions:
 * **Order**: ``(y, x, anchor)``, anchor fastest - the order of a head output ``(N, A * k, h, w)`` whose channels are
   anchor-major (channel ``a * k + j`` is value ``j`` of anchor ``a``) once :func:`flatten_head_output` turns it into
   ``(N, h * w * A, k)``. Within one location, anchors go scale-major: index ``scale_i * len(ratios) + ratio_j``.
+
+``grid="torchvision"`` reproduces torchvision's ``AnchorGenerator`` exactly instead, for its converted checkpoints
+(:mod:`detseg.convert`): shapes rounded to whole pixels, anchors of cell ``(y, x)`` centred at ``(x * s, y * s)``,
+and the stride the whole number ``image size // map size``.
 """
 from __future__ import annotations
 
@@ -47,16 +51,21 @@ def _pair(value: float | Sequence[float]) -> tuple[float, float]:
     return float(first), float(second)
 
 
-def grid_anchors(feature_size: tuple[int, int], stride: float | Sequence[float], shapes: torch.Tensor) -> torch.Tensor:
+GRIDS = ("centred", "torchvision")
+
+
+def grid_anchors(feature_size: tuple[int, int], stride: float | Sequence[float], shapes: torch.Tensor,
+                 offset: float = 0.5) -> torch.Tensor:
     """Anchors at every cell of an ``(h, w)`` feature map: ``(A, 4) shapes -> (h * w * A, 4)`` xyxy in image pixels.
 
     ``stride`` is image pixels per feature cell, one number or ``(stride_y, stride_x)`` (not necessarily whole when
     the image size is not a multiple of the network's stride). Order ``(y, x, anchor)``, see the module docstring.
+    Cell ``x``'s anchors are centred at ``(x + offset) * stride`` (torchvision: offset 0).
     """
     height, width = feature_size
     stride_y, stride_x = _pair(stride)
-    centres_y = (torch.arange(height, dtype=torch.float32, device=shapes.device) + 0.5) * stride_y
-    centres_x = (torch.arange(width, dtype=torch.float32, device=shapes.device) + 0.5) * stride_x
+    centres_y = (torch.arange(height, dtype=torch.float32, device=shapes.device) + offset) * stride_y
+    centres_x = (torch.arange(width, dtype=torch.float32, device=shapes.device) + offset) * stride_x
     grid_y, grid_x = torch.meshgrid(centres_y, centres_x, indexing="ij")                       # (h, w) each
     shifts = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=-1).reshape(-1, 1, 4)           # (h*w, 1, 4)
     return (shifts + shapes.to(torch.float32)[None]).reshape(-1, 4)                          # (h*w, A, 4) -> (h*w*A, 4)
@@ -83,9 +92,14 @@ class AnchorGenerator:
     """
 
     max_cached = 64
+    grid = "centred"        # or "torchvision" (see the module docstring); subclasses keep the centred grid
 
     def __init__(self, scales: Sequence[float] | Sequence[Sequence[float]],
-                 aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0)):
+                 aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0),
+                 grid: str = "centred"):
+        if grid not in GRIDS:
+            raise ConfigError(f"anchor grid {grid!r}: choose one of {', '.join(GRIDS)}")
+        self.grid = grid
         scales_per_level = [scales] if isinstance(scales[0], (int, float)) else list(scales)
         if isinstance(aspect_ratios[0], (int, float)):
             ratios_per_level = [aspect_ratios] * len(scales_per_level)
@@ -94,7 +108,8 @@ class AnchorGenerator:
         if len(ratios_per_level) != len(scales_per_level):
             raise ConfigError(f"anchor generator: {len(scales_per_level)} levels of scales but "
                               f"{len(ratios_per_level)} levels of aspect ratios")
-        self._set_shapes([anchor_shapes(s, r) for s, r in zip(scales_per_level, ratios_per_level)])
+        shapes = [anchor_shapes(s, r) for s, r in zip(scales_per_level, ratios_per_level)]
+        self._set_shapes([level.round() for level in shapes] if grid == "torchvision" else shapes)
 
     def _set_shapes(self, shapes: list[torch.Tensor]) -> None:
         """The zero-centred boxes ``[(A_l, 4)]`` of every level, and an empty cache."""
@@ -113,7 +128,8 @@ class AnchorGenerator:
         if key not in self._cache:
             if len(self._cache) >= self.max_cached:   # many image sizes (multi-scale training): start afresh
                 self._cache.clear()
-            self._cache[key] = grid_anchors(feature_size, stride, self.shapes[level].to(device))
+            self._cache[key] = grid_anchors(feature_size, stride, self.shapes[level].to(device),
+                                            offset=0.0 if self.grid == "torchvision" else 0.5)
         return self._cache[key]
 
     def __call__(self, feature_maps: Sequence[torch.Tensor], image_size: tuple[int, int]) -> list[torch.Tensor]:
@@ -130,5 +146,8 @@ class AnchorGenerator:
         if len(feature_sizes) != len(self.shapes):
             raise ValueError(f"{len(feature_sizes)} feature maps for an anchor generator of {len(self.shapes)} "
                              f"levels")
-        return [self.level_anchors(level, (height, width), (image_size[0] / height, image_size[1] / width), device)
+        def stride(side: int, cells: int) -> float:
+            return float(side // cells) if self.grid == "torchvision" else side / cells
+        return [self.level_anchors(level, (height, width), (stride(image_size[0], height), stride(image_size[1], width)),
+                                   device)
                 for level, (height, width) in enumerate(feature_sizes)]

@@ -257,8 +257,9 @@ def clip_and_filter(boxes: torch.Tensor, scores: torch.Tensor, image_size: tuple
     keep = remove_small_boxes(boxes, min_size) if min_size > 0 else torch.arange(len(boxes), device=boxes.device)
     if score_thresh > 0:
         keep = keep[scores[keep] >= score_thresh]
-    keep = keep[scores[keep].argsort(descending=True)]
-    if nms_thresh is not None:
+    if nms_thresh is None:
+        keep = keep[scores[keep].argsort(descending=True)]
+    else:   # NMS sorts by score itself; given the candidates in their own order, ties break as in torchvision
         if labels is None:
             survivors = nms(boxes[keep], scores[keep], nms_thresh)
         else:

@@ -49,6 +49,10 @@ DETECTION_OPTIONS = {
                           "min_size (torchvision's convention; e.g. 800 for COCO photos)", min=0, max=4096),
     "max_size": Option(0, "with min_size > 0: the long side at most this (e.g. 1333); 0 = no limit", min=0,
                        max=8192),
+    "resize": Option("detseg", "with min_size > 0, how a model resizes: detseg (antialiased bilinear, rounded like "
+                               "a stored uint8 copy) | torchvision (normalise, then plain bilinear at torchvision's "
+                               "scale and sizes: its GeneralizedRCNNTransform, for converted checkpoints)",
+                     choices=("detseg", "torchvision")),
     "hflip": Option(True, "random horizontal flips during training"),
     **AUGMENT_OPTIONS,
     "strict": Option(True, "COCO files: a polygon of < 3 points fails the set; false drops such polygons, keeps "

@@ -18,6 +18,11 @@ BACKBONE_OPTIONS = {
     "width": Option(32, "tiny backbone: channels of the first stage", min=4),
     "depth": Option(2, "tiny backbone: number of stride-2 stages after the stem (2 = stride 8 with stem_stride 2)", min=1, max=5),
     "stem_stride": Option(2, "tiny backbone: stride of the first convolution", choices=(1, 2)),
+    "backbone_norm": Option("batch", "resnet backbones: batch (trained batch norm) | frozen (fixed per-channel "
+                                     "affine maps, torchvision's FrozenBatchNorm2d of pretrained weights)",
+                            choices=("batch", "frozen")),
+    "bn_eps": Option(1e-5, "resnet backbones: epsilon of their batch norms (torchvision loads its published "
+                           "detection weights with 0)", min=0),
 }
 
 
@@ -40,5 +45,5 @@ def build_detection_backbone(config: dict) -> nn.Module:
     """The backbone named by ``config``; it has ``out_channels`` and, for FPN, returns a dict of maps."""
     if config["backbone"] == "tiny":
         return TinyConvNet(width=config["width"], depth=config["depth"], stem_stride=config["stem_stride"])
-    backbone = torchvision_backbone(config["backbone"], fpn=config["fpn"])
-    return backbone
+    return torchvision_backbone(config["backbone"], fpn=config["fpn"], norm=config.get("backbone_norm", "batch"),
+                                eps=config.get("bn_eps", 1e-5))

@@ -67,7 +67,7 @@ def detector_transform(config: dict, info: dict, size_divisible: int = 32) -> Im
     or aspect-preserving when ``min_size > 0`` (short side ``min_size``, long side at most ``max_size``, the batch
     padded to multiples of ``size_divisible``, the largest stride of the network)."""
     return ImageTransform(info["image_size"], min_size=config.get("min_size", 0), max_size=config.get("max_size", 0),
-                          size_divisible=size_divisible)
+                          size_divisible=size_divisible, resize=config.get("resize", "detseg"))
 
 
 @dataclass
@@ -173,7 +173,8 @@ class RegionDetector(DetsegModel):
             features = self.backbone(batch.normalized) if self.backbone is not None else batch.normalized
             head_input = self.roi_head.per_image(features) if hasattr(self.roi_head, "per_image") else features
         with self._stage("proposals"):
-            proposals, proposal_losses = self.proposer(batch.pixels * 255.0, features, image_size, targets)
+            sizes = {"image_sizes": batch.image_sizes} if getattr(self.proposer, "takes_image_sizes", False) else {}
+            proposals, proposal_losses = self.proposer(batch.pixels * 255.0, features, image_size, targets, **sizes)
         return batch, targets, head_input, proposals, proposal_losses
 
     def training_losses(self, images: Images, targets: list[dict]) -> dict[str, torch.Tensor]:

@@ -34,13 +34,14 @@ ROI_HEAD_OPTIONS = {
     "score_thresh": Option(0.05, "detections below this class probability are dropped", min=0, max=1),
     "nms_thresh": Option(0.5, "per-class non-maximum suppression IoU", min=0, max=1),
     "detections_per_image": Option(100, "detections kept per image after NMS (COCO counts 100)", min=1),
+    "min_box_size": Option(1.0, "detections with a side below this many pixels are dropped", min=0),
 }
 
 
 # The RoI-stage knobs every head shares; the others of ROI_HEAD_OPTIONS (pool, pool_size, roi_channels,
 # head_hidden) describe the pooling head of Fast R-CNN.
 SHARED_ROI_HEAD_KEYS = ("rois_per_image", "positive_fraction", "box_loss_weight", "score_thresh", "nms_thresh",
-                        "detections_per_image")
+                        "detections_per_image", "min_box_size")
 
 
 def roi_head_settings(config: dict) -> tuple[RoISampling, Postprocess, dict[str, float]]:
@@ -48,7 +49,8 @@ def roi_head_settings(config: dict) -> tuple[RoISampling, Postprocess, dict[str,
     sampling = RoISampling(batch_per_image=config["rois_per_image"], positive_fraction=config["positive_fraction"])
     # .get: checkpoints saved before detections_per_image was a knob kept COCO's 100.
     postprocess = Postprocess(score_thresh=config["score_thresh"], nms_thresh=config["nms_thresh"],
-                              detections_per_image=config.get("detections_per_image", 100))
+                              detections_per_image=config.get("detections_per_image", 100),
+                              min_size=config.get("min_box_size", 1.0))
     return sampling, postprocess, {"roi_box": config["box_loss_weight"]}
 
 

@@ -13,6 +13,8 @@ losses to the detector's: binary cross-entropy on objectness and smooth L1 on th
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,12 @@ RPN_OPTIONS = {
     "rpn_post_nms_test": Option(100, "proposals per image after NMS at test time", min=1),
     "rpn_nms_thresh": Option(0.7, "NMS IoU among proposals", min=0, max=1),
     "rpn_loss_weight": Option(1.0, "weight of the two RPN losses in the 4-part sum", min=0),
+    "rpn_per_level": Option(False, "FPN: keep rpn_pre_nms boxes per pyramid level and run NMS within each level "
+                                   "(torchvision's rule) instead of over all levels together"),
+    "rpn_min_size": Option(1.0, "proposals with a side below this many pixels are dropped", min=0),
+    "anchor_grid": Option("centred", "anchors centred on their cells (centred) or torchvision's grid: whole-pixel "
+                                     "shapes at the cells' corners (torchvision, for converted checkpoints)",
+                          choices=("centred", "torchvision")),
 }
 
 
@@ -59,11 +67,15 @@ class RPNHead(nn.Module):
 
 
 class RegionProposalNetwork(nn.Module):
-    """The proposer stage of Faster R-CNN and R-FCN (see :mod:`.generalized` for the contract)."""
+    """The proposer stage of Faster R-CNN and R-FCN (see :mod:`.generalized` for the contract); proposals are
+    clipped to each image's own size within a padded batch (``image_sizes``)."""
+
+    takes_image_sizes = True
 
     def __init__(self, in_channels: int, anchors: AnchorGenerator, anchors_per_image: int = 256,
                  pre_nms: int = 1000, post_nms_train: int = 300, post_nms_test: int = 100, nms_thresh: float = 0.7,
-                 min_size: float = 1.0, loss_weight: float = 1.0, levels: tuple[str, ...] | None = None):
+                 min_size: float = 1.0, loss_weight: float = 1.0, levels: tuple[str, ...] | None = None,
+                 per_level: bool = False):
         super().__init__()
         if len(set(anchors.num_anchors_per_location)) != 1:
             raise ValueError("the RPN head is shared across levels: every level needs the same number of anchors")
@@ -73,25 +85,39 @@ class RegionProposalNetwork(nn.Module):
         self.anchors_per_image, self.pre_nms = anchors_per_image, pre_nms
         self.post_nms_train, self.post_nms_test = post_nms_train, post_nms_test
         self.nms_thresh, self.min_size, self.loss_weight, self.levels = nms_thresh, min_size, loss_weight, levels
+        self.per_level = per_level
 
-    def forward(self, images, features, image_size, targets):
+    def forward(self, images, features, image_size, targets, image_sizes=None):
         maps = [features[name] for name in self.levels] if self.levels else [features]
-        anchors = torch.cat(self.anchors(maps, image_size))                                  # (A_total, 4)
+        level_anchors = self.anchors(maps, image_size)
+        anchors = torch.cat(level_anchors)                                                   # (A_total, 4)
         scores, deltas = self.head(maps)                                                     # (N, A_total, 1|4)
-        proposals = self._proposals(anchors, scores.detach().squeeze(2), deltas.detach(), image_size)
+        proposals = self._proposals(anchors, [len(a) for a in level_anchors], scores.detach().squeeze(2),
+                                    deltas.detach(), image_sizes or [image_size] * len(scores))
         if targets is None:
             return proposals, {}
         return proposals, self._losses(anchors, scores.squeeze(2), deltas, targets)
 
-    def _proposals(self, anchors, scores, deltas, image_size) -> list[torch.Tensor]:
+    def _proposals(self, anchors, level_lengths: list[int], scores, deltas,
+                   image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per image the best boxes after NMS, clipped to that image's own (unpadded) size."""
         keep = self.post_nms_train if self.training else self.post_nms_test
+        levels, starts = None, [0, *itertools.accumulate(level_lengths)][:-1]
+        if self.per_level and len(level_lengths) > 1:
+            levels = torch.repeat_interleave(torch.arange(len(level_lengths), device=scores.device),
+                                             torch.tensor(level_lengths, device=scores.device))
         proposals = []
-        for image_scores, image_deltas in zip(scores, deltas):
+        for image_scores, image_deltas, size in zip(scores, deltas, image_sizes):
             # Rank first, decode only the best: decoding all anchors of a large image is most of the RPN's cost.
-            best = image_scores.topk(min(self.pre_nms, len(image_scores))).indices
+            if levels is None:
+                best = image_scores.topk(min(self.pre_nms, len(image_scores))).indices
+            else:           # the best of each level, so that coarse levels are not crowded out by fine ones
+                best = torch.cat([level_scores.topk(min(self.pre_nms, len(level_scores))).indices + start
+                                  for level_scores, start in zip(image_scores.split(level_lengths), starts)])
             boxes = decode_box_deltas(anchors[best], image_deltas[best])
-            kept = clip_and_filter(boxes, image_scores[best], image_size, min_size=self.min_size,
-                                   nms_thresh=self.nms_thresh, top_k=keep)
+            kept = clip_and_filter(boxes, image_scores[best], size, min_size=self.min_size,
+                                   nms_thresh=self.nms_thresh, top_k=keep,
+                                   labels=None if levels is None else levels[best])
             proposals.append(kept.boxes)
         return proposals
 
@@ -129,11 +155,14 @@ def build_rpn(config: dict, in_channels: int) -> RegionProposalNetwork:
     scales = number_list("anchor_scales", config["anchor_scales"])
     ratios = number_list("anchor_ratios", config["anchor_ratios"])
     levels = None
+    grid = config.get("anchor_grid", "centred")         # .get: checkpoints from before the knob
     if uses_fpn(config):
         levels = FPN_RPN_LEVELS
-        anchors = AnchorGenerator(fpn_anchor_levels(scales, len(levels)), ratios)
+        anchors = AnchorGenerator(fpn_anchor_levels(scales, len(levels)), ratios, grid=grid)
     else:
-        anchors = AnchorGenerator(scales, ratios)
+        anchors = AnchorGenerator(scales, ratios, grid=grid)
     return RegionProposalNetwork(in_channels, anchors, config["rpn_anchors_per_image"], config["rpn_pre_nms"],
                                  config["rpn_post_nms_train"], config["rpn_post_nms_test"],
-                                 config["rpn_nms_thresh"], loss_weight=config["rpn_loss_weight"], levels=levels)
+                                 config["rpn_nms_thresh"], min_size=config.get("rpn_min_size", 1.0),
+                                 loss_weight=config["rpn_loss_weight"], levels=levels,
+                                 per_level=config.get("rpn_per_level", False))
