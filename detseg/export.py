@@ -11,6 +11,9 @@ What the file takes and gives (names are the ONNX graph's input and output names
 * segmentation: ``scores`` (N, C, H, W) class logits, ``labels`` (N, H, W) int64.
 * localization: ``boxes`` (N, 4) XYXY in the input's pixels, ``scores`` (N,), ``labels`` (N,) in 0..K-1.
 * pose: ``keypoints`` (N, 14, 3): x, y in the input's pixels and 1, LSP joint order.
+* instance segmentation (``inst/mask_rcnn``): the detection outputs, plus per detection ``mask_probabilities``
+  (D, 28, 28), its class's mask before pasting, and ``keypoint_heatmaps`` (D, J, 56, 56) (see
+  :class:`InstanceGraph`: pasting and the heat maps' arg-max are the consumer's).
 * detection (``det/faster_rcnn``, ``det/yolo``, ``det/ssd``): one image, ``N = 1``, as
   torchvision's exported detectors: ``boxes`` (D, 4) XYXY in the input's pixels, ``scores`` (D,), ``labels`` (D,)
   in 1..K, best score first, after the model's own thresholding and per-class NMS (``torchvision::nms`` and
@@ -54,6 +57,7 @@ from .models.base import DetsegModel
 from .models.classification import Classifier
 from .models.detection.generalized import ROI_BOX_WEIGHTS, GivenProposals, RegionDetector
 from .models.detection.single_shot import SingleShotDetector
+from .models.instance.mask_rcnn import MaskRCNN
 from .models.localization.classify_localize import ClassifyLocalize, boxes_to_pixels
 from .models.localization.pose_regression import PoseRegressor
 from .models.segmentation.encoder_decoder import EncoderDecoder
@@ -167,6 +171,10 @@ class RegionGraph(ModelGraph):
     one image in tensor operations (that method splits the batch by ``len(proposals)``, which a trace freezes)."""
 
     def forward(self, images: torch.Tensor):
+        return self.detect(images)[:3]
+
+    def detect(self, images: torch.Tensor):
+        """``(boxes, scores, labels, features the RoI heads read, the batch)`` of one image."""
         model = self.model
         batch = model.transform.batch(images)
         features = model.backbone(batch.normalized) if model.backbone is not None else batch.normalized
@@ -181,7 +189,48 @@ class RegionGraph(ModelGraph):
                                min_size=settings.min_size, score_thresh=settings.score_thresh,
                                nms_thresh=settings.nms_thresh, top_k=settings.detections_per_image,
                                labels=labels.reshape(-1))
-        return kept.boxes, kept.scores, kept.labels
+        return kept.boxes, kept.scores, kept.labels, head_input, batch
+
+
+class InstanceGraph(RegionGraph):
+    """``inst/mask_rcnn``: the detections, then its heads at the detections' boxes - ``mask_probabilities``
+    (D, M, M), each detection's class's mask before pasting, and ``keypoint_heatmaps`` (D, J, S, S) (rows of other
+    classes than the keypoint class are computed too and are meaningless). Pasting a mask at its box and the
+    bicubic arg-max of a heat map work per detection at its own size, which a trace cannot express; they are the
+    consumer's (:func:`detseg.models.instance.heads.paste_masks`, :func:`~detseg.models.instance.heads.decode_keypoints`)."""
+
+    def forward(self, images: torch.Tensor):
+        boxes, scores, labels, features, batch = self.detect(images)
+        return (boxes, scores, labels) + instance_outputs(self.model, features, batch.input_size, boxes, labels)
+
+
+def instance_outputs(model, features, input_size, boxes: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """The per-detection outputs of Mask R-CNN's heads at ``boxes`` (input pixels), as :class:`InstanceGraph`
+    gives them."""
+    outputs = ()
+    if model.mask_head is not None:
+        logits = model.mask_head(features, [boxes], input_size)                             # (D, K+1, M, M)
+        outputs += (logits[torch.arange(len(labels), device=labels.device), labels].sigmoid(),)
+    if model.keypoint_head is not None:
+        outputs += (model.keypoint_head(features, [boxes], input_size),)                   # (D, J, S, S)
+    return outputs
+
+
+def instance_output_names(model) -> tuple[str, ...]:
+    return (("mask_probabilities",) if model.mask_head is not None else ()) + \
+        (("keypoint_heatmaps",) if model.keypoint_head is not None else ())
+
+
+def _instance_reference(model) -> Callable:
+    """The eager model's own detections (the model contract), then its heads at those boxes."""
+    def reference(images: torch.Tensor) -> tuple:
+        found = model(images)[0]
+        batch = model.transform.batch(images)
+        features = model.backbone(batch.normalized)
+        features = model.roi_head.per_image(features) if hasattr(model.roi_head, "per_image") else features
+        return tuple(found[key] for key in DETECTION_OUTPUTS) + instance_outputs(
+            model, features, batch.input_size, found["boxes"], found["labels"])
+    return reference
 
 
 # ---- what to export: the graph, its names and axes, the eager reference ----------------------------------------
@@ -269,6 +318,9 @@ def plan_export(model: nn.Module, model_name: str, dynamic: bool = False) -> Pla
             raise ConfigError(f"{model_name}: --dynamic does not apply to detectors, exported for one image of "
                               f"{height}x{width} px (their anchors / default boxes are made for that size); "
                               f"use --size HxW for another size")
+        if isinstance(model, MaskRCNN):
+            return Plan(InstanceGraph(model), "images", shape, DETECTION_OUTPUTS + instance_output_names(model),
+                        _instance_reference(model), detection=True)
         graph = SingleShotGraph(model) if isinstance(model, SingleShotDetector) else RegionGraph(model)
         return Plan(graph, "images", shape, DETECTION_OUTPUTS, _first_image(model), detection=True)
     raise _not_exported(model_name)
@@ -276,8 +328,8 @@ def plan_export(model: nn.Module, model_name: str, dynamic: bool = False) -> Pla
 
 def _not_exported(model_name: str) -> ConfigError:
     return ConfigError(f"{model_name}: no ONNX export for this model (exported: cls/*, seg/*, loc/*, pose/*, "
-                       f"det/faster_rcnn, det/yolo, det/ssd; the torchvision references are benchmark rows, "
-                       f"torchvision exports its own detectors)")
+                       f"det/faster_rcnn, det/yolo, det/ssd, inst/mask_rcnn; the torchvision references are benchmark "
+                       f"rows, torchvision exports its own detectors)")
 
 
 def _check_region_detector(model: RegionDetector, model_name: str) -> None:
@@ -465,10 +517,16 @@ def _compare_detections(expected: dict, got: dict) -> tuple[dict, int]:
         return {"boxes": 0.0, "scores": 0.0}, 0
     score_difference = float(np.abs(np.sort(scores) - np.sort(got["scores"])).max())
     box_difference, mismatches = 0.0, 0
-    for box, score, label in zip(got["boxes"], got["scores"], got["labels"]):
+    extra = [name for name in expected if name not in DETECTION_OUTPUTS]    # per-detection maps (Mask R-CNN)
+    differences = {name: 0.0 for name in extra}
+    for row, (box, score, label) in enumerate(zip(got["boxes"], got["scores"], got["labels"])):
         same = (labels == label) & (np.abs(scores - score) <= TOLERANCE)
         if not same.any():
             mismatches += 1
             continue
-        box_difference = max(box_difference, float(np.abs(boxes[same] - box).max(axis=1).min()))
-    return {"boxes": box_difference, "scores": score_difference}, mismatches
+        distances = np.abs(boxes[same] - box).max(axis=1)
+        box_difference = max(box_difference, float(distances.min()))
+        match = np.flatnonzero(same)[distances.argmin()]
+        for name in extra:
+            differences[name] = max(differences[name], float(np.abs(expected[name][match] - got[name][row]).max()))
+    return {"boxes": box_difference, "scores": score_difference, **differences}, mismatches

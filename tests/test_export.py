@@ -45,13 +45,14 @@ ROUND_TRIPS = {
     "det/faster_rcnn": dict(width=8, image_size=64, spread=True),
     "det/yolo": dict(width=8, image_size=64, spread=True),
     "det/ssd": dict(width=8, image_size=64, spread=True),
+    "inst/mask_rcnn": dict(width=8, image_size=64, spread=True, mask_channels="8", keypoint_channels="8,8"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
 def test_round_trip_matches_pytorch(name, tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "model.pt", name, **ROUND_TRIPS[name])
-    report = api.export(checkpoint, dynamic=not name.startswith("det/"))
+    report = api.export(checkpoint, dynamic=not name.startswith(("det/", "inst/")))
     assert report["file"] == str(tmp_path / "model.onnx")
     assert report["within_tolerance"], report
     assert report["mismatches"] == 0
@@ -62,6 +63,9 @@ def test_round_trip_matches_pytorch(name, tmp_path):
     assert props["detseg_model"] == name and json.loads(props["detseg_outputs"]) == report["outputs"]
     if name.startswith("det/"):
         assert report["outputs"] == ["boxes", "scores", "labels"]
+    if name == "inst/mask_rcnn":      # the heads' outputs at the detections, checked like the boxes
+        assert report["outputs"] == ["boxes", "scores", "labels", "mask_probabilities", "keypoint_heatmaps"]
+        assert {"mask_probabilities", "keypoint_heatmaps"} <= set(report["max_diff"])
 
 
 def test_dynamic_batch_and_size(tmp_path):
