@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
 
+from ...ops.pooling import ThreadedMultiScaleRoIAlign
 from ..backbones import conv_bn_relu
 from .backbone import BACKBONE_OPTIONS, build_detection_backbone, fpn_levels
 from .generalized import BoxPredictor, RegionDetector, detector_transform
@@ -52,7 +53,7 @@ class RoIPoolHead(nn.Module):
         if roi_channels and not fpn_levels:
             self.narrow = conv_bn_relu(in_channels, roi_channels, kernel=1)
             in_channels = roi_channels
-        self.multi_scale = MultiScaleRoIAlign(list(fpn_levels), pool_size, 2) if fpn_levels else None
+        self.multi_scale = ThreadedMultiScaleRoIAlign(list(fpn_levels), pool_size, 2) if fpn_levels else None
         self.fc = nn.Sequential(
             nn.Flatten(),
             nn.Linear(in_channels * pool_size * pool_size, hidden), nn.ReLU(inplace=True),

@@ -24,7 +24,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops import roi_align
+
+from ...ops.pooling import ThreadedMultiScaleRoIAlign
 
 from ..detection.fast_rcnn import pool_regions
 
@@ -50,7 +52,7 @@ class RegionPooling(nn.Module):
     def __init__(self, size: int, pool: str = "roi_align", fpn_levels: tuple[str, ...] | None = None):
         super().__init__()
         self.size, self.pool = size, pool
-        self.multi_scale = MultiScaleRoIAlign(list(fpn_levels), size, 2) if fpn_levels else None
+        self.multi_scale = ThreadedMultiScaleRoIAlign(list(fpn_levels), size, 2) if fpn_levels else None
 
     def forward(self, features, rois: list[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
         return pool_regions(features, rois, image_size, self.size, self.pool, self.multi_scale)   # (R, C, s, s)
