@@ -173,11 +173,13 @@ def _report_skipped(bundle) -> None:
 
 
 def load(checkpoint: str | Path, device: str = "cpu",
-         overrides: Mapping[str, Any] | Iterable[str] | None = None):
+         overrides: Mapping[str, Any] | Iterable[str] | None = None, fuse: bool = False):
     """Rebuild the model of a checkpoint; returns (model in eval mode, the checkpoint dict).
 
     ``overrides`` change test-time knobs of the saved config (``rpn_post_nms_test=10``, ``score_thresh=0.3``); the
     returned payload's ``config`` holds them. A knob that changes the weights' shapes is a ConfigError naming it.
+    ``fuse=True`` returns an inference-only copy with batch norms folded into the convolutions and channels-last
+    maps (:func:`detseg.models.inference.fuse_for_inference`): the same outputs up to float rounding, faster.
     """
     payload = load_checkpoint(checkpoint, map_location=device)
     entry = registry.get(payload["model_name"])
@@ -193,7 +195,11 @@ def load(checkpoint: str | Path, device: str = "cpu",
             raise
         raise ConfigError(f"{checkpoint}: {', '.join(f'{k}={v}' for k, v in overrides.items())} changes the "
                           f"model's weights; only test-time knobs can be changed here") from error
-    return model.to(device).eval(), payload
+    model = model.to(device).eval()
+    if fuse:
+        from .models.inference import fuse_for_inference
+        model = fuse_for_inference(model)
+    return model, payload
 
 
 def evaluate(checkpoint: str | Path, *, data: str | None = None, val: str | None = None,
@@ -223,19 +229,20 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, val: str | None
 def predict(checkpoint: str | Path, images: Iterable[str | Path], *, out: str | Path | None = None,
             device: str = "cpu", batch_size: int = 8, workers: int = 1, conf: float | None = None,
             max_det: int | None = None, coco: str | Path | None = None, draw: bool = True,
-            progress: bool = False) -> list[dict]:
+            progress: bool = False, fuse: bool = False) -> list[dict]:
     """Predictions for image files, directories, globs and videos (:mod:`detseg.predict`): one dict per image or
     video frame, in input order. With ``out``: a drawing per image, a drawn video + JSON lines per video,
     predictions.json and, for detectors, coco_results.json (image ids from the ``coco`` json when given).
 
     ``batch_size`` images share a forward, decoded by ``workers`` DataLoader processes; ``conf`` / ``max_det`` set a
-    detector's ``score_thresh`` / ``detections_per_image``; ``device`` is cpu, cuda or auto."""
+    detector's ``score_thresh`` / ``detections_per_image``; ``device`` is cpu, cuda or auto; ``fuse`` folds batch
+    norms and uses channels-last maps (see :func:`load`)."""
     from .predict import DEVICES, predict_paths, test_time_overrides
 
     if device not in DEVICES:
         raise ConfigError(f"--device {device}: must be one of {', '.join(DEVICES)}")
     chosen = _device(device, 0)
-    model, payload = load(checkpoint, chosen, test_time_overrides(checkpoint, conf, max_det))
+    model, payload = load(checkpoint, chosen, test_time_overrides(checkpoint, conf, max_det), fuse=fuse)
     return predict_paths(model, payload, images, out=out, device=chosen, batch_size=batch_size, workers=workers,
                          coco=coco, draw=draw, progress=progress).results
 
