@@ -96,6 +96,20 @@ def data_scenes(out: str, n_train: int, n_val: int, size: int | tuple[int, int],
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
+@data_group.command("convert-vg")
+@click.argument("regions_json", type=click.Path())
+@click.argument("images_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for train.json / val.json.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of the images kept for validation (every n-th image).")
+def data_convert_vg(regions_json: str, images_dir: str, out: str, val_fraction: float) -> None:
+    """Visual Genome region descriptions (REGIONS.json + IMAGES_DIR/<id>.jpg) as COCO json with a caption per
+    region, for cap/densecap."""
+    from .data.visual_genome import convert_visual_genome
+
+    click.echo(json.dumps(convert_visual_genome(regions_json, images_dir, out, val_fraction), indent=2))
+
+
 @data_group.command("check")
 @click.argument("path", type=click.Path())
 @click.option("--images", default=None, type=click.Path(file_okay=False), help="Image root, if not beside.")

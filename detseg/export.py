@@ -54,6 +54,7 @@ from torch import nn
 from .errors import ConfigError
 from .io import atomic_write_bytes
 from .models.base import DetsegModel
+from .models.captioning.densecap import DenseCap
 from .models.classification import Classifier
 from .models.detection.generalized import ROI_BOX_WEIGHTS, GivenProposals, RegionDetector
 from .models.detection.single_shot import SingleShotDetector
@@ -311,6 +312,9 @@ def plan_export(model: nn.Module, model_name: str, dynamic: bool = False) -> Pla
     if isinstance(model, PoseRegressor):
         return Plan(PoseGraph(model), "images", shape, ("keypoints",), _stacked(model, ("keypoints",), torch.cat),
                     batch_dynamic=dynamic)
+    if isinstance(model, DenseCap):
+        raise ConfigError(f"{model_name}: no ONNX export: its captions are an LSTM's data-dependent loop decoded to "
+                          f"words; predict with detseg predict (the boxes alone would drop what the model is for)")
     if isinstance(model, (SingleShotDetector, RegionDetector)):
         if isinstance(model, RegionDetector):
             _check_region_detector(model, model_name)

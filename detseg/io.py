@@ -55,6 +55,12 @@ def write_json(path: Path | str, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
+def read_json(path: Path | str) -> Any:
+    """A JSON file's content (UTF-8)."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def save_yaml(path: Path | str, data: Mapping[str, Any]) -> None:
     """Write a mapping as YAML in its own key order, atomically."""
     write_text(path, yaml.safe_dump(dict(data), sort_keys=False))

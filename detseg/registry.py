@@ -22,6 +22,7 @@ _MODEL_MODULES = (
     "detseg.tasks.localization",
     "detseg.tasks.detection",
     "detseg.tasks.instance",
+    "detseg.tasks.captioning",
 )
 _loaded = False
 

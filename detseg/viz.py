@@ -132,3 +132,34 @@ def draw_annotations(image: torch.Tensor, target: dict, names: Sequence[str]) ->
         picture = draw_keypoints(picture, people[..., :2], connectivity=list(LSP_SKELETON), colors="red",
                                  radius=1, width=1, visibility=visible)
     return picture
+
+
+CAPTION_FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"   # ships with matplotlib
+CAPTION_COLORS = ((255, 214, 0), (0, 220, 255), (255, 110, 180), (120, 255, 120), (255, 150, 60), (190, 150, 255))
+
+
+def draw_captioned_boxes(image: torch.Tensor, boxes: Sequence, captions: Sequence[str], min_side: int = 512,
+                         font_size: int = 13) -> torch.Tensor:
+    """(3, H, W) uint8 image -> the same picture (enlarged so its long side is at least ``min_side``, since scenes
+    are 128 px) with each box outlined and its caption written in DejaVu Sans on a dark band at the box's top edge,
+    kept inside the picture. Later entries are drawn over earlier ones."""
+    from PIL import ImageDraw, ImageFont
+
+    height, width = image.shape[1:]
+    scale = max(1.0, min_side / max(height, width))
+    picture = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    if scale > 1:
+        picture = picture.resize((round(width * scale), round(height * scale)), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(picture)
+    font = ImageFont.truetype(str(CAPTION_FONT), font_size)
+    for k, (box, caption) in enumerate(zip(boxes, captions)):
+        color = CAPTION_COLORS[k % len(CAPTION_COLORS)]
+        x1, y1, x2, y2 = (float(v) * scale for v in box)
+        draw.rectangle((x1, y1, x2, y2), outline=color, width=2)
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        text_width, text_height = right - left + 6, bottom - top + 4
+        tx = min(max(0.0, x1), max(0.0, picture.width - text_width))
+        ty = y1 - text_height if y1 - text_height >= 0 else min(y1, picture.height - text_height)
+        draw.rectangle((tx, ty, tx + text_width, ty + text_height), fill=(20, 20, 20))
+        draw.text((tx + 3 - left, ty + 2 - top), caption, font=font, fill=color)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)

@@ -21,6 +21,7 @@ STUDIES = {
     "export": "detseg.bench.export",
     "convert": "detseg.bench.convert",
     "roialign": "detseg.bench.roialign",
+    "densecap": "detseg.bench.densecap",
 }
 
 

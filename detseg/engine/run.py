@@ -94,7 +94,8 @@ def finish(trainer: Trainer, run_dir: Path, build_model, params: int, verbose: b
     if images:
         predictions = predict_arrays(model, task, images, bundle.info, trainer.device)
         pictures = [task.draw(image, prediction, bundle.info) for image, prediction in zip(images, predictions)]
-        save_png(run_dir / "val_predictions.png", grid(pictures))
+        largest = max(max(picture.shape[1:]) for picture in pictures)
+        save_png(run_dir / "val_predictions.png", grid(pictures, side=min(512, max(256, largest))))
     _log(f"metrics of {'best.pt' if best.is_file() else 'the final weights'}: "
          + "  ".join(f"{key} {value:.4g}" for key, value in metrics.items() if isinstance(value, float)), verbose)
     return metrics

@@ -65,9 +65,13 @@ class RoIPoolHead(nn.Module):
         """Once per image, timed with the shared convolutions: the narrowing 1x1 convolution."""
         return self.narrow(features) if self.narrow is not None else features                # (N, C', h, w)
 
-    def forward(self, features, rois: list[torch.Tensor], image_size: tuple[int, int]):
+    def codes(self, features, rois: list[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+        """The region code the predictor reads: ``(R, hidden)`` (DenseCap's captioner reads it too)."""
         pooled = pool_regions(features, rois, image_size, self.pool_size, self.pool, self.multi_scale)  # (R, C, s, s)
-        return self.predictor(self.fc(pooled))                                               # (R, K+1), (R, 4(K+1))
+        return self.fc(pooled)
+
+    def forward(self, features, rois: list[torch.Tensor], image_size: tuple[int, int]):
+        return self.predictor(self.codes(features, rois, image_size))                       # (R, K+1), (R, 4(K+1))
 
 
 def build_roi_pool_head(config: dict, backbone: nn.Module, num_classes: int) -> RoIPoolHead:

@@ -1,0 +1,1 @@
+"""Dense captioning: region detection with a language model per region (DenseCap)."""

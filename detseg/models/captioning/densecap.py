@@ -1,0 +1,106 @@
+"""DenseCap (Johnson, Karpathy and Fei-Fei, 2016): a caption instead of a category for every region.
+
+The lecture's aside: "rather than predicting a fixed category label for each region, instead we want to write a
+caption for each region". The detector is Faster R-CNN's, made class-agnostic - the recognition network's
+classifier has two outputs, *a region worth describing* or background (DenseCap's confidence), and one box
+refinement - and the category head's place is taken by a whole language model:
+
+    images -> backbone -> RPN (the localization layer) -> RoIAlign (bilinear) -> recognition network (2 FC)
+                                                                                   |-> confidence + box refinement
+                                                                                   '-> region code -> LSTM -> words
+
+The region code the LSTM starts from is the recognition network's output, so the caption loss trains the same
+fully-connected layers, the RoI features and the backbone as the boxes do: one network, five named losses (RPN
+objectness and box, region confidence and box, caption), each with a weight. Training captions the positive RoIs
+(each with the caption of the ground-truth region it matched; teacher forcing); at test time the captioner runs on
+the post-NMS detections only, greedily or with a beam.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...config import Option
+from ..detection import faster_rcnn
+from ..detection.backbone import build_detection_backbone
+from ..detection.fast_rcnn import build_roi_pool_head
+from ..detection.generalized import RegionDetector, detector_transform
+from ..detection.heads import roi_head_settings
+from ..detection.rpn import build_rpn
+from .captioner import LSTMCaptioner, Vocabulary
+
+CAPTION_OPTIONS = {
+    "min_count": Option(1, "vocabulary: words seen fewer times in the training captions become <unk>", min=1),
+    "max_caption_length": Option(16, "vocabulary: words per caption at most (longer training captions are cut)",
+                                 min=1, max=64),
+    "embed_size": Option(128, "captioner: size of word embeddings (and of the projected region code)", min=4),
+    "lstm_hidden": Option(256, "captioner: LSTM state size", min=4),
+    "caption_dropout": Option(0.0, "captioner: dropout before the word classifier", min=0, max=0.9),
+    "beam": Option(1, "test-time captions: 1 = greedy, > 1 = beam search of this width", min=1, max=20),
+    "caption_loss_weight": Option(1.0, "weight of the caption cross-entropy", min=0),
+    "captions_per_image": Option(32, "positive RoIs captioned per training image at most", min=1),
+}
+OPTIONS = {**faster_rcnn.OPTIONS, **CAPTION_OPTIONS}
+# Few regions per scene: 50 after NMS keep every object and the captioner's work small.
+OPTIONS["detections_per_image"] = Option(50, "regions captioned per image after NMS", min=1)
+OPTIONS["hflip"] = Option(False, "random horizontal flips during training (off: a flip makes 'left of' a lie)")
+TRAINING = {**faster_rcnn.TRAINING, "epochs": Option(20, "passes over the training set", min=0)}
+
+
+class DenseCap(RegionDetector):
+    """A class-agnostic :class:`RegionDetector` (``num_classes`` 2) + ``captioner`` on the region codes.
+
+    Targets (training) add ``captions`` (a list of G strings, '' where an object has none: it trains the boxes
+    only) to the detectors'; their category labels are ignored. Eval mode returns per image ``boxes``, ``scores``
+    (the confidence), ``labels`` (all 1) and ``captions`` (a list of D strings).
+    """
+
+    def __init__(self, *args, captioner: LSTMCaptioner, vocabulary: Vocabulary, beam: int = 1,
+                 captions_per_image: int = 32, **kwargs):
+        super().__init__(2, *args, **kwargs)
+        self.captioner, self.vocabulary = captioner, vocabulary
+        self.beam, self.captions_per_image = beam, captions_per_image
+
+    def training_losses(self, images, targets: list[dict]) -> dict[str, torch.Tensor]:
+        # Every annotated region is one class, "something to describe"; what it is goes into the caption.
+        agnostic = [{**target, "labels": torch.ones_like(target["labels"])} for target in targets]
+        return super().training_losses(images, agnostic)
+
+    def region_losses(self, features, input_size, targets, rois, labels, matches) -> dict[str, torch.Tensor]:
+        """Caption cross-entropy of the positive RoIs (at most ``captions_per_image`` each image) whose object
+        has a caption."""
+        chosen_rois, captions = [], []
+        for image_rois, image_labels, image_matches, target in zip(rois, labels.split([len(r) for r in rois]),
+                                                                   matches, targets):
+            texts = target.get("captions") or [""] * len(target["boxes"])
+            keep = [i for i in torch.nonzero(image_labels > 0).flatten().tolist()
+                    if texts[int(image_matches[i])]][:self.captions_per_image]
+            chosen_rois.append(image_rois[keep])
+            captions += [texts[int(image_matches[i])] for i in keep]
+        codes = self.roi_head.codes(features, chosen_rois, input_size)                       # (P, D)
+        words = self.vocabulary.targets(captions, device=codes.device)                      # (P, L+1)
+        return {"caption": self.captioner.loss(codes, words)}
+
+    def region_outputs(self, features, input_size, detections: list[dict]) -> None:
+        """A caption for every detection, from the code of its refined box."""
+        boxes = [found["boxes"] for found in detections]
+        codes = self.roi_head.codes(features, boxes, input_size)                            # (D, hidden)
+        ids = self.captioner.generate(codes, self.vocabulary.max_length, self.beam)        # (D, L+1)
+        sentences = [self.vocabulary.decode(row) for row in ids.tolist()]
+        start = 0
+        for found in detections:
+            found["captions"] = sentences[start:start + len(found["boxes"])]
+            start += len(found["boxes"])
+
+
+def build(config: dict, info: dict) -> DenseCap:
+    """Faster R-CNN's stages with two classes, the recognition network's code feeding an LSTM captioner."""
+    backbone = build_detection_backbone(config)
+    sampling, postprocess, weights = roi_head_settings(config)
+    weights["caption"] = config["caption_loss_weight"]
+    roi_head = build_roi_pool_head(config, backbone, 2)
+    vocabulary = Vocabulary.from_info(info["vocabulary"])
+    captioner = LSTMCaptioner(config["head_hidden"], len(vocabulary), config["embed_size"], config["lstm_hidden"],
+                              config["caption_dropout"])
+    return DenseCap(build_rpn(config, backbone.out_channels), roi_head, backbone, sampling, postprocess, weights,
+                    transform=detector_transform(config, info), captioner=captioner, vocabulary=vocabulary,
+                    beam=config["beam"], captions_per_image=config["captions_per_image"])
