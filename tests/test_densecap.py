@@ -41,10 +41,11 @@ def test_tokenizer_and_vocabulary_round_trip():
     assert "person" not in rare.words and len(rare.encode(CAPTIONS[0])) == 3
 
 
-def test_captioner_overfits_and_greedy_and_beam_reproduce_the_captions():
+@pytest.mark.parametrize("condition", ["first", "every"])
+def test_captioner_overfits_and_greedy_and_beam_reproduce_the_captions(condition):
     torch.manual_seed(0)
     vocabulary = Vocabulary.build(CAPTIONS, max_length=12)
-    captioner = LSTMCaptioner(16, len(vocabulary), embed=32, hidden=64)
+    captioner = LSTMCaptioner(16, len(vocabulary), embed=32, hidden=64, condition=condition)
     codes = torch.randn(3, 16)
     words = vocabulary.targets(CAPTIONS)
     optimizer = torch.optim.Adam(captioner.parameters(), lr=1e-2)
@@ -262,3 +263,15 @@ def test_export_refuses_densecap_with_one_line(tmp_path):
     from detseg.errors import ConfigError
     with pytest.raises(ConfigError, match="cap/densecap: no ONNX export"):
         plan_export(model.eval(), "cap/densecap")
+
+
+def test_colour_skip_appends_the_cells_mean_colours_and_trains():
+    model, images, targets = tiny_densecap(colour_skip=True, condition="every")
+    normalized = model.transform.batch(images).normalized
+    features = model.backbone(normalized)
+    assert features.shape[1] == model.backbone.body.out_channels + 3
+    cell = normalized.shape[-1] // features.shape[-1]
+    assert torch.allclose(features[0, -3:, 0, 0], normalized[0, :, :cell, :cell].mean(dim=(1, 2)), atol=1e-5)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())

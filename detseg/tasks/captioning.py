@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..captioning_metrics import densecap_scores, make_meteor, meteor_unavailable_reason
+from ..config import Option
 from ..errors import ConfigError
 from ..io import write_json
 from ..models.captioning import densecap
@@ -96,9 +97,14 @@ class CaptionScorer(Scorer):
         return metrics
 
 
+# Flips are off: a mirrored image makes "left of" in its captions a lie.
+CAPTIONING_OPTIONS = {**DETECTION_OPTIONS, "hflip": Option(False, "random horizontal flips during training (off: "
+                                                                   "a flip makes 'left of' a lie)")}
+
+
 class CaptioningTask(DetectionTask):
     name = "captioning"
-    options = DETECTION_OPTIONS
+    options = CAPTIONING_OPTIONS
     fields = ("captions",)
     convert = staticmethod(caption_target)
 

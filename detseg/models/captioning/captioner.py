@@ -21,6 +21,7 @@ from torch import nn
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)            # ids 0..3, in this order
+CONDITIONS = ("first", "every")               # where the region code enters the LSTM
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -90,30 +91,44 @@ class LSTMCaptioner(nn.Module):
 
     Inputs per region: ``[code, <start>, w_1, ..., w_L]``; outputs from the second step on predict
     ``[w_1, ..., w_L, <end>]``. The code enters through a linear layer to the word-embedding size, so the LSTM
-    sees the region the way it sees a word.
+    sees the region the way it sees a word. ``condition="first"`` is DenseCap's: the code is the first input only,
+    and the LSTM must carry it in its state; ``"every"`` also concatenates it to every step's input (as in
+    "Show, Attend and Tell"-style decoders), so each word is predicted with the region in view.
     """
 
     def __init__(self, code_size: int, vocabulary_size: int, embed: int = 128, hidden: int = 256,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, condition: str = "first"):
         super().__init__()
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition={condition!r}: expected one of {CONDITIONS}")
+        self.condition = condition
         self.project = nn.Linear(code_size, embed)
         self.embed = nn.Embedding(vocabulary_size, embed, padding_idx=Vocabulary.pad)
-        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.lstm = nn.LSTM(embed * (2 if condition == "every" else 1), hidden, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.words = nn.Linear(hidden, vocabulary_size)
 
+    def _inputs(self, steps: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """(R, T, E) step inputs -> what the LSTM reads: with ``condition="every"`` the code beside each."""
+        if self.condition == "first":
+            return steps
+        return torch.cat([steps, projected[:, None].expand(-1, steps.shape[1], -1)], dim=2)   # (R, T, 2E)
+
     def _first_steps(self, codes: torch.Tensor):
-        """Run the code and ``<start>``: the state after both and the logits of the first word."""
+        """Run the code and ``<start>``: the projected codes, the state after both steps and the first word's
+        logits."""
+        projected = self.project(codes)                                                    # (R, E)
         start = self.embed(codes.new_full((len(codes), 1), Vocabulary.start, dtype=torch.long))
-        inputs = torch.cat([self.project(codes)[:, None], start], dim=1)                  # (R, 2, E)
-        outputs, state = self.lstm(inputs)
-        return state, self.words(self.dropout(outputs[:, -1]))                             # (R, V)
+        inputs = torch.cat([projected[:, None], start], dim=1)                             # (R, 2, E)
+        outputs, state = self.lstm(self._inputs(inputs, projected))
+        return projected, state, self.words(self.dropout(outputs[:, -1]))                  # (R, V)
 
     def forward(self, codes: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+        projected = self.project(codes)                                                    # (R, E)
         words = self.embed(captions[:, :-1])                                               # (R, L, E)
         start = self.embed(captions.new_full((len(captions), 1), Vocabulary.start))
-        inputs = torch.cat([self.project(codes)[:, None], start, words], dim=1)           # (R, L+2, E)
-        outputs, _ = self.lstm(inputs)
+        inputs = torch.cat([projected[:, None], start, words], dim=1)                      # (R, L+2, E)
+        outputs, _ = self.lstm(self._inputs(inputs, projected))
         return self.words(self.dropout(outputs[:, 1:]))                                    # (R, L+1, V)
 
     def loss(self, codes: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -133,7 +148,7 @@ class LSTMCaptioner(nn.Module):
         return self._beam(codes, max_length, beam)
 
     def _greedy(self, codes: torch.Tensor, max_length: int) -> torch.Tensor:
-        state, logits = self._first_steps(codes)
+        projected, state, logits = self._first_steps(codes)
         ids = codes.new_full((len(codes), max_length + 1), Vocabulary.pad, dtype=torch.long)
         done = torch.zeros(len(codes), dtype=torch.bool, device=codes.device)
         for step in range(max_length + 1):
@@ -142,7 +157,7 @@ class LSTMCaptioner(nn.Module):
             done |= word == Vocabulary.end
             if bool(done.all()) or step == max_length:
                 break
-            outputs, state = self.lstm(self.embed(word)[:, None], state)
+            outputs, state = self.lstm(self._inputs(self.embed(word)[:, None], projected), state)
             logits = self.words(outputs[:, 0])
         return ids
 
@@ -150,7 +165,7 @@ class LSTMCaptioner(nn.Module):
         """Keep the ``beam`` most likely partial captions per region (sum of word log-probabilities); a finished
         caption stays in the beam with its score frozen. All regions' beams run as one batch of R x B."""
         count, device = len(codes), codes.device
-        (h, c), logits = self._first_steps(codes)
+        projected, (h, c), logits = self._first_steps(codes)
         vocabulary = logits.shape[1]
         log_probabilities = F.log_softmax(logits, 1)                                       # (R, V)
         scores, first = log_probabilities.topk(min(beam, vocabulary), dim=1)               # (R, B)
@@ -160,11 +175,12 @@ class LSTMCaptioner(nn.Module):
         done = first == Vocabulary.end                                                      # (R, B)
         h = h.repeat_interleave(beam, dim=1)                                               # (1, R B, H)
         c = c.repeat_interleave(beam, dim=1)
+        projected = projected.repeat_interleave(beam, dim=0)                               # (R B, E)
         word = first.reshape(-1)
         for step in range(1, max_length + 1):
             if bool(done.all()):
                 break
-            outputs, (h, c) = self.lstm(self.embed(word)[:, None], (h, c))
+            outputs, (h, c) = self.lstm(self._inputs(self.embed(word)[:, None], projected), (h, c))
             step_log_probabilities = F.log_softmax(self.words(outputs[:, 0]), 1).view(count, beam, vocabulary)
             # A finished caption continues only with padding, at no cost, so it competes with its final score.
             finished = torch.full_like(step_log_probabilities, float("-inf"))
@@ -177,5 +193,5 @@ class LSTMCaptioner(nn.Module):
             ids[:, :, step] = word
             done = done.gather(1, parent) | (word == Vocabulary.end)
             rows = (parent + torch.arange(count, device=device)[:, None] * beam).reshape(-1)
-            h, c, word = h[:, rows], c[:, rows], word.reshape(-1)
+            h, c, word, projected = h[:, rows], c[:, rows], word.reshape(-1), projected[rows]
         return ids[:, 0]                                                                   # best of each beam

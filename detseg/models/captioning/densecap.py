@@ -18,8 +18,11 @@ the post-NMS detections only, greedily or with a beam.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ...config import Option
+from ...errors import ConfigError
 from ..detection import faster_rcnn
 from ..detection.backbone import build_detection_backbone
 from ..detection.fast_rcnn import build_roi_pool_head
@@ -34,6 +37,11 @@ CAPTION_OPTIONS = {
                                  min=1, max=64),
     "embed_size": Option(128, "captioner: size of word embeddings (and of the projected region code)", min=4),
     "lstm_hidden": Option(256, "captioner: LSTM state size", min=4),
+    "condition": Option("first", "captioner: where the region code enters - first (DenseCap: the first input "
+                                 "only) | every (also beside every word's input)", choices=("first", "every")),
+    "colour_skip": Option(False, "append the image, average-pooled to the feature map's cells, to the backbone's "
+                                 "channels (a hypercolumn of the input: deep detection features keep shape, not "
+                                 "colour); tiny backbone only"),
     "caption_dropout": Option(0.0, "captioner: dropout before the word classifier", min=0, max=0.9),
     "beam": Option(1, "test-time captions: 1 = greedy, > 1 = beam search of this width", min=1, max=20),
     "caption_loss_weight": Option(1.0, "weight of the caption cross-entropy", min=0),
@@ -42,8 +50,26 @@ CAPTION_OPTIONS = {
 OPTIONS = {**faster_rcnn.OPTIONS, **CAPTION_OPTIONS}
 # Few regions per scene: 50 after NMS keep every object and the captioner's work small.
 OPTIONS["detections_per_image"] = Option(50, "regions captioned per image after NMS", min=1)
-OPTIONS["hflip"] = Option(False, "random horizontal flips during training (off: a flip makes 'left of' a lie)")
 TRAINING = {**faster_rcnn.TRAINING, "epochs": Option(20, "passes over the training set", min=0)}
+
+
+class ColourSkip(nn.Module):
+    """``backbone`` plus 3 channels: the normalised image averaged over each feature cell, ``(N, C+3, h, w)``.
+
+    A class-agnostic detector has no reason to keep colour in its deep features (every object is one class), and a
+    probe of the trained region codes finds little of it; this gives the captioner the cells' mean colours, the
+    cheapest hypercolumn (Hariharan et al.'s features from several depths, here the input itself)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.body = backbone
+        self.out_channels = backbone.out_channels + 3
+        self.stride = getattr(backbone, "stride", None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.body(images)                                                       # (N, C, h, w)
+        colours = F.adaptive_avg_pool2d(images, features.shape[-2:])                       # (N, 3, h, w)
+        return torch.cat([features, colours], dim=1)
 
 
 class DenseCap(RegionDetector):
@@ -95,12 +121,16 @@ class DenseCap(RegionDetector):
 def build(config: dict, info: dict) -> DenseCap:
     """Faster R-CNN's stages with two classes, the recognition network's code feeding an LSTM captioner."""
     backbone = build_detection_backbone(config)
+    if config.get("colour_skip"):
+        if config["backbone"] != "tiny":
+            raise ConfigError("colour_skip=true: only with backbone=tiny (one feature map)")
+        backbone = ColourSkip(backbone)
     sampling, postprocess, weights = roi_head_settings(config)
     weights["caption"] = config["caption_loss_weight"]
     roi_head = build_roi_pool_head(config, backbone, 2)
     vocabulary = Vocabulary.from_info(info["vocabulary"])
     captioner = LSTMCaptioner(config["head_hidden"], len(vocabulary), config["embed_size"], config["lstm_hidden"],
-                              config["caption_dropout"])
+                              config["caption_dropout"], config.get("condition", "first"))
     return DenseCap(build_rpn(config, backbone.out_channels), roi_head, backbone, sampling, postprocess, weights,
                     transform=detector_transform(config, info), captioner=captioner, vocabulary=vocabulary,
                     beam=config["beam"], captions_per_image=config["captions_per_image"])
