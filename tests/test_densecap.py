@@ -265,13 +265,16 @@ def test_export_refuses_densecap_with_one_line(tmp_path):
         plan_export(model.eval(), "cap/densecap")
 
 
-def test_colour_skip_appends_the_cells_mean_colours_and_trains():
-    model, images, targets = tiny_densecap(colour_skip=True, condition="every")
+@pytest.mark.parametrize("source", ["image", "stem"])
+def test_colour_skip_appends_cell_means_of_a_shallow_map_and_trains(source):
+    model, images, targets = tiny_densecap(colour_skip=source, condition="every")
     normalized = model.transform.batch(images).normalized
     features = model.backbone(normalized)
-    assert features.shape[1] == model.backbone.body.out_channels + 3
-    cell = normalized.shape[-1] // features.shape[-1]
-    assert torch.allclose(features[0, -3:, 0, 0], normalized[0, :, :cell, :cell].mean(dim=(1, 2)), atol=1e-5)
+    shallow = normalized if source == "image" else model.backbone.body.forward_stages(normalized)[0]
+    assert features.shape[1] == model.backbone.body.out_channels + shallow.shape[1]
+    cell = shallow.shape[-1] // features.shape[-1]
+    assert torch.allclose(features[0, -shallow.shape[1]:, 0, 0], shallow[0, :, :cell, :cell].mean(dim=(1, 2)),
+                          atol=1e-5)
     losses = model(images, targets)
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())

@@ -39,9 +39,9 @@ CAPTION_OPTIONS = {
     "lstm_hidden": Option(256, "captioner: LSTM state size", min=4),
     "condition": Option("first", "captioner: where the region code enters - first (DenseCap: the first input "
                                  "only) | every (also beside every word's input)", choices=("first", "every")),
-    "colour_skip": Option(False, "append the image, average-pooled to the feature map's cells, to the backbone's "
-                                 "channels (a hypercolumn of the input: deep detection features keep shape, not "
-                                 "colour); tiny backbone only"),
+    "colour_skip": Option("none", "tiny backbone: append to its last map, average-pooled to its cells, the image "
+                                  "(image: 3 channels) or the stem's map (stem: its channels) - a hypercolumn; deep "
+                                  "class-agnostic features keep shape, not colour", choices=("none", "image", "stem")),
     "caption_dropout": Option(0.0, "captioner: dropout before the word classifier", min=0, max=0.9),
     "beam": Option(1, "test-time captions: 1 = greedy, > 1 = beam search of this width", min=1, max=20),
     "caption_loss_weight": Option(1.0, "weight of the caption cross-entropy", min=0),
@@ -54,22 +54,27 @@ TRAINING = {**faster_rcnn.TRAINING, "epochs": Option(20, "passes over the traini
 
 
 class ColourSkip(nn.Module):
-    """``backbone`` plus 3 channels: the normalised image averaged over each feature cell, ``(N, C+3, h, w)``.
+    """``backbone`` (a :class:`~detseg.models.backbones.TinyConvNet`) plus the image or its stem's map averaged over
+    each cell of the last map: ``(N, C + 3 | C + C_stem, h, w)``.
 
     A class-agnostic detector has no reason to keep colour in its deep features (every object is one class), and a
-    probe of the trained region codes finds little of it; this gives the captioner the cells' mean colours, the
-    cheapest hypercolumn (Hariharan et al.'s features from several depths, here the input itself)."""
+    probe of the trained region codes finds little of it. Appending shallow maps - Hariharan et al.'s hypercolumns,
+    here the input itself or the first convolution's output - hands the captioner what the stem still knows."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, source: str = "image"):
         super().__init__()
-        self.body = backbone
-        self.out_channels = backbone.out_channels + 3
-        self.stride = getattr(backbone, "stride", None)
+        self.body, self.source = backbone, source
+        extra = 3 if source == "image" else backbone.stage_channels[0]
+        self.out_channels = backbone.out_channels + extra
+        self.stride = backbone.stride
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.body(images)                                                       # (N, C, h, w)
-        colours = F.adaptive_avg_pool2d(images, features.shape[-2:])                       # (N, 3, h, w)
-        return torch.cat([features, colours], dim=1)
+        if self.source == "image":
+            features, shallow = self.body(images), images                                  # (N, C, h, w), image
+        else:
+            stages = self.body.forward_stages(images)
+            features, shallow = stages[-1], stages[0]                                      # last map, stem map
+        return torch.cat([features, F.adaptive_avg_pool2d(shallow, features.shape[-2:])], dim=1)
 
 
 class DenseCap(RegionDetector):
@@ -121,10 +126,10 @@ class DenseCap(RegionDetector):
 def build(config: dict, info: dict) -> DenseCap:
     """Faster R-CNN's stages with two classes, the recognition network's code feeding an LSTM captioner."""
     backbone = build_detection_backbone(config)
-    if config.get("colour_skip"):
+    if config.get("colour_skip", "none") != "none":
         if config["backbone"] != "tiny":
-            raise ConfigError("colour_skip=true: only with backbone=tiny (one feature map)")
-        backbone = ColourSkip(backbone)
+            raise ConfigError(f"colour_skip={config['colour_skip']}: only with backbone=tiny (one feature map)")
+        backbone = ColourSkip(backbone, config["colour_skip"])
     sampling, postprocess, weights = roi_head_settings(config)
     weights["caption"] = config["caption_loss_weight"]
     roi_head = build_roi_pool_head(config, backbone, 2)
