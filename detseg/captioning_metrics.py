@@ -18,7 +18,8 @@ tokenizer where Java runs, else by :func:`detseg.models.captioning.captioner.tok
 from __future__ import annotations
 
 import shutil
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +33,20 @@ MERGE_IOU = 0.7
 MATCHED_IOU = 0.5          # BLEU-4 / CIDEr are computed on regions matched at least this well
 
 Meteor = Callable[[list[tuple[str, list[str]]]], list[float]]   # [(candidate, references)] -> one score each
+
+
+def regions_by_image(ground_truth: dict) -> dict[int, dict]:
+    """A COCO dict's non-crowd regions per image id: ``boxes`` (G, 4) xyxy and ``captions`` (G strings, '' where
+    none); every image of ``images`` is present, with or without regions."""
+    regions = {int(image["id"]): {"boxes": [], "captions": []} for image in ground_truth["images"]}
+    for annotation in ground_truth["annotations"]:
+        if annotation.get("iscrowd", 0):
+            continue
+        x, y, w, h = annotation["bbox"]
+        regions[int(annotation["image_id"])]["boxes"].append([x, y, x + w, y + h])
+        regions[int(annotation["image_id"])]["captions"].append(str(annotation.get("caption", "")))
+    return {image_id: {"boxes": torch.tensor(entry["boxes"], dtype=torch.float32).reshape(-1, 4),
+                       "captions": entry["captions"]} for image_id, entry in regions.items()}
 
 
 def merge_regions(boxes: torch.Tensor, captions: Sequence[str], iou: float = MERGE_IOU
@@ -196,6 +211,13 @@ def _clean(text: str) -> str:
     return " ".join(str(text).replace("|||", " ").split()) or " "
 
 
-def make_meteor() -> Meteor15 | None:
-    """A METEOR 1.5 scorer, or None when Java or pycocoevalcap is missing (see :func:`meteor_unavailable_reason`)."""
-    return Meteor15() if meteor_unavailable_reason() is None else None
+@contextmanager
+def meteor_scorer() -> Iterator[Meteor15 | None]:
+    """A METEOR 1.5 scorer for the block, its Java process stopped after it; None when Java or pycocoevalcap is
+    missing (see :func:`meteor_unavailable_reason`)."""
+    meteor = Meteor15() if meteor_unavailable_reason() is None else None
+    try:
+        yield meteor
+    finally:
+        if meteor is not None:
+            meteor.close()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detseg import registry
-from detseg.captioning_metrics import (densecap_scores, interpolated_ap, make_meteor, merge_regions,
+from detseg.captioning_metrics import (densecap_scores, interpolated_ap, merge_regions, meteor_scorer,
                                        meteor_unavailable_reason)
 from detseg.config import resolve
 from detseg.data.dataset import InstanceDataset
@@ -136,12 +136,9 @@ def test_metric_without_meteor_reports_it_unavailable_and_no_densecap_map():
 
 @needs_java
 def test_meteor_of_known_pairs():
-    meteor = make_meteor()
-    try:
+    with meteor_scorer() as meteor:
         same, different, partial = meteor([(CAPTIONS[0], [CAPTIONS[0]]), ("green triangle", [CAPTIONS[0]]),
                                            ("small red star", [CAPTIONS[0]])])
-    finally:
-        meteor.close()
     assert same == pytest.approx(1.0, abs=0.01) and different < 0.05 and 0.15 < partial < same
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import api
-from ..captioning_metrics import MATCHED_IOU, densecap_scores, make_meteor, match_regions, meteor_unavailable_reason
+from .. import api, registry
+from ..captioning_metrics import (MATCHED_IOU, densecap_scores, match_regions, meteor_scorer,
+                                  meteor_unavailable_reason, regions_by_image)
 from ..io import read_json, write_json
-from ..tasks.base import image_tensor
-from ..viz import draw_captioned_boxes, grid, save_png, save_report
-from .detection_runs import load_images, prepare_scenes, training_overrides
+from ..tasks.base import image_tensor, predict_arrays
+from ..viz import grid, save_png, save_report
+from .detection_runs import best_detections, load_images, prepare_scenes, training_overrides
 
 SETTINGS = {
     True: {"threads": os.cpu_count() or 1, "train": 400, "val": 50, "image_size": 128, "batch_size": 8,
@@ -104,28 +105,18 @@ def quality_by_iou(records: list[dict], meteor) -> list[dict]:
 # ---- data of a run ------------------------------------------------------------------------------------------------
 def per_image(val_json: Path, predictions: list[dict]) -> tuple[list[dict], list[dict]]:
     """Detections (from a predictions.json) and ground truths per validation image, boxes xyxy in its pixels."""
-    document = read_json(val_json)
-    ids = [int(image["id"]) for image in document["images"]]
-    truth = {i: {"boxes": [], "captions": []} for i in ids}
-    for annotation in document["annotations"]:
-        if annotation.get("iscrowd", 0):
-            continue
-        x, y, w, h = annotation["bbox"]
-        truth[int(annotation["image_id"])]["boxes"].append([x, y, x + w, y + h])
-        truth[int(annotation["image_id"])]["captions"].append(annotation.get("caption", ""))
-    found = {i: {"boxes": [], "scores": [], "captions": []} for i in ids}
+    truth = regions_by_image(read_json(val_json))
+    found = {image_id: {"boxes": [], "scores": [], "captions": []} for image_id in truth}
     for prediction in predictions:
         x, y, w, h = prediction["bbox"]
         entry = found[int(prediction["image_id"])]
         entry["boxes"].append([x, y, x + w, y + h])
         entry["scores"].append(prediction["score"])
         entry["captions"].append(prediction.get("caption", ""))
-
-    def tensors(entry):
-        return {**entry, "boxes": torch.tensor(entry["boxes"], dtype=torch.float32).reshape(-1, 4),
-                **({"scores": torch.tensor(entry["scores"], dtype=torch.float32)} if "scores" in entry else {})}
-
-    return [tensors(found[i]) for i in ids], [tensors(truth[i]) for i in ids]
+    detections = [{"boxes": torch.tensor(entry["boxes"], dtype=torch.float32).reshape(-1, 4),
+                   "scores": torch.tensor(entry["scores"], dtype=torch.float32), "captions": entry["captions"]}
+                  for entry in found.values()]
+    return detections, list(truth.values())
 
 
 def caption_timing(checkpoint: Path, images: list, beam: int, repeats: int = 3) -> dict:
@@ -177,12 +168,8 @@ def run(out: Path, quick: bool = False, settings: dict | None = None) -> dict:
                         overrides={"beam": 3})
     found, truth = per_image(files["val"], read_json(densecap_dir / "predictions.json"))
     records, _ = match_regions(found, truth)
-    meteor = make_meteor()
-    try:
+    with meteor_scorer() as meteor:
         bands = quality_by_iou(records, meteor)
-    finally:
-        if meteor is not None:
-            meteor.close()
     words = word_accuracy(records)
     timing_images = load_images(files["val"], settings["timing_images"])
     timing = [caption_timing(densecap_dir / "best.pt", timing_images, beam) for beam in (1, 3)]
@@ -200,14 +187,12 @@ def run(out: Path, quick: bool = False, settings: dict | None = None) -> dict:
 
 
 def _draw(checkpoint: Path, images: list, path: Path) -> None:
-    model, _ = api.load(checkpoint)
-    pictures = []
-    with torch.no_grad():
-        for image in images:
-            output = model([image_tensor(image)])[0]
-            keep = (output["scores"] >= 0.5).nonzero().flatten().tolist()[:6][::-1]
-            pictures.append(draw_captioned_boxes(image_tensor(image), output["boxes"][keep].tolist(),
-                                                 [output["captions"][k] for k in keep]))
+    """The task's own drawings of the 6 best regions (at least 0.5 confident) of a few validation images."""
+    model, payload = api.load(checkpoint)
+    task = registry.get(payload["model_name"]).make_task(dict(payload["config"]))
+    predictions = predict_arrays(model, task, images, payload["info"], torch.device("cpu"))
+    pictures = [task.draw(image, best_detections(prediction, 6), payload["info"], min_score=0.5)
+                for image, prediction in zip(images, predictions)]
     save_png(path, grid(pictures, columns=2, side=512))
 
 

@@ -191,10 +191,12 @@ def run_detector(method: str, model_name: str, files: dict, settings: dict, out:
 
 
 def best_detections(prediction: dict, count: int = PICTURE_DETECTIONS) -> dict:
-    """The ``count`` highest-scoring detections of a prediction (lists of boxes, scores, labels): a short run's
-    scores rarely reach the usual 0.5 drawing threshold, and the picture should still show what each method finds."""
+    """The ``count`` highest-scoring detections of a prediction (lists of boxes, scores, labels and, for dense
+    captioning, captions): a short run's scores rarely reach the usual 0.5 drawing threshold, and the picture should
+    still show what each method finds."""
     order = sorted(range(len(prediction["scores"])), key=lambda i: -prediction["scores"][i])[:count]
-    return {key: [prediction[key][i] for i in order] for key in ("boxes", "scores", "labels")}
+    keys = [key for key in ("boxes", "scores", "labels", "captions") if key in prediction]
+    return {key: [prediction[key][i] for i in order] for key in keys}
 
 
 # ---- rows and pictures -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ with no area, and images whose file is missing, are skipped and counted in the r
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -60,6 +61,7 @@ def convert_visual_genome(regions_json: str | Path, images_dir: str | Path, out:
     every = round(1 / val_fraction) if val_fraction > 0 else 0
     splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
     missing_images = empty_regions = 0
+    annotation_ids = itertools.count(1)                 # unique across both splits
     for position, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("regions"), list):
             raise DataError(regions_json, "expected an object with a 'regions' list", field=f"[{position}]",
@@ -96,7 +98,7 @@ def convert_visual_genome(regions_json: str | Path, images_dir: str | Path, out:
                 empty_regions += 1
                 continue
             split["annotations"].append({
-                "id": sum(len(s["annotations"]) for s in splits.values()) + 1, "image_id": image_id,
+                "id": next(annotation_ids), "image_id": image_id,
                 "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
                 "iscrowd": 0, "caption": " ".join(phrase.split())})
     summary = {"out_dir": str(out), "missing_images": missing_images, "empty_regions_dropped": empty_regions}

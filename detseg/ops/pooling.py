@@ -53,4 +53,4 @@ class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
                  for index, image_boxes in enumerate(boxes) for part in _split(len(image_boxes), threads)]
         pooled = list(_pool(threads).map(lambda task: super(ThreadedMultiScaleRoIAlign, self).forward(
             task[0], [task[1]], [task[2]]), tasks))
-        return torch.cat(pooled) if pooled else super().forward(x, boxes, image_shapes)
+        return torch.cat(pooled)                  # at least 2 * MIN_REGIONS_PER_THREAD regions: never empty

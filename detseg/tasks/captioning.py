@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..captioning_metrics import densecap_scores, make_meteor, meteor_unavailable_reason
+from ..captioning_metrics import densecap_scores, meteor_scorer, meteor_unavailable_reason, regions_by_image
 from ..config import Option
 from ..errors import ConfigError
 from ..io import write_json
@@ -24,7 +24,7 @@ from ..models.captioning.captioner import Vocabulary
 from ..registry import register
 from ..viz import draw_captioned_boxes
 from .base import DataBundle, Scorer, image_tensor
-from .detection import DETECTION_OPTIONS, DETECTION_TRAINING, DetectionTask, plain_target
+from .detection import DETECTION_OPTIONS, DETECTION_TRAINING, DetectionScorer, DetectionTask, plain_target
 
 REGION_NAMES = ["background", "region"]
 
@@ -48,45 +48,25 @@ def training_captions(train_set) -> list[str]:
     return [str(annotation.get("caption", "")) for annotation in annotations]
 
 
-class CaptionScorer(Scorer):
-    """Detections and the validation set's regions (merged per image), in the original images' pixels."""
+class CaptionScorer(DetectionScorer):
+    """Detections and the validation set's regions per image, in the original images' pixels (mapped back as
+    :class:`DetectionScorer` maps boxes); scored by :func:`densecap_scores`."""
 
     def __init__(self, bundle: DataBundle):
-        self.sizes = bundle.extras["val_sizes"]
-        truth: dict[int, dict] = {int(image["id"]): {"boxes": [], "captions": []}
-                                  for image in bundle.extras["val_ground_truth"]["images"]}
-        for annotation in bundle.extras["val_ground_truth"]["annotations"]:
-            if annotation.get("iscrowd", 0):
-                continue
-            x, y, w, h = annotation["bbox"]
-            truth[int(annotation["image_id"])]["boxes"].append([x, y, x + w, y + h])
-            truth[int(annotation["image_id"])]["captions"].append(str(annotation.get("caption", "")))
-        self.truth = truth
+        super().__init__(bundle)
+        self.truth = regions_by_image(self.ground_truth)
         self.detections: list[dict] = []
-        self.ground_truths: list[dict] = []
-        self.image_ids: list[int] = []
-        self.results: list[dict] = []
 
     def update(self, outputs: list[dict], targets: list[dict]) -> None:
         for found, target in zip(outputs, targets):
-            image_id = target["image_id"]
-            width, height = self.sizes[image_id]
-            input_height, input_width = target["size"]
-            scale = found["boxes"].new_tensor([width / input_width, height / input_height] * 2)
-            self.image_ids.append(image_id)
+            scale = found["boxes"].new_tensor(self.scale_to_original(target) * 2)
+            self.image_ids.append(target["image_id"])
             self.detections.append({"boxes": (found["boxes"] * scale).cpu(), "scores": found["scores"].cpu(),
                                     "captions": list(found["captions"])})
-            truth = self.truth[image_id]
-            self.ground_truths.append({"boxes": torch.tensor(truth["boxes"], dtype=torch.float32).reshape(-1, 4),
-                                       "captions": truth["captions"]})
 
     def compute(self) -> dict:
-        meteor = make_meteor()
-        try:
-            metrics = densecap_scores(self.detections, self.ground_truths, meteor)
-        finally:
-            if meteor is not None:
-                meteor.close()
+        with meteor_scorer() as meteor:
+            metrics = densecap_scores(self.detections, [self.truth[i] for i in self.image_ids], meteor)
         self.results = [{"image_id": image_id, "bbox": [round(float(x1), 2), round(float(y1), 2),
                                                          round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
                          "score": round(float(score), 5), "caption": caption}
