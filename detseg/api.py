@@ -23,7 +23,7 @@ from .engine.checkpoint import load_checkpoint, load_matching
 from .engine.run import finish, fit
 from .engine.trainer import Trainer
 from .errors import ConfigError
-from .io import load_yaml, save_yaml, write_json
+from .io import check_writable, load_yaml, remove_stale_temporaries, save_yaml, write_json
 
 
 def seed_everything(seed: int) -> None:
@@ -103,6 +103,10 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
 
     rank, world, local_rank = _distributed()
     device = _device(config["device"], local_rank)
+    resumed_state = _read_resume_state(run_dir, model_name, device) if resume else None
+    if rank == 0:   # a read-only or full run directory fails here, not after the first epoch
+        check_writable(run_dir)
+        remove_stale_temporaries(run_dir)   # what a kill mid-write left: never taken for a result
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     _use_machine_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)), config["threads"])
@@ -131,7 +135,11 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
         save_yaml(run_dir / "config.yaml", {"model": model_name, "data": data, "val": val,
                                               "init": None if init is None else str(init), "config": config})
     if resume:
-        trainer.load_state_dict(load_checkpoint(run_dir / "last.pt", map_location=device))
+        try:
+            trainer.load_state_dict(resumed_state)
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            raise ConfigError(f"{run_dir / 'last.pt'}: does not fit this run's model and config "
+                              f"({str(error).splitlines()[0][:120]}); resume with the run's own knobs") from None
         trainer.config.update({key: config[key] for key in ("epochs", "time_budget")})
         if verbose and rank == 0:
             print(f"resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}", flush=True)
@@ -151,6 +159,18 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
             torch.distributed.destroy_process_group()
         _report_skipped(bundle)
     return metrics
+
+
+def _read_resume_state(run_dir: Path, model_name: str, device: torch.device) -> dict:
+    """RUN_DIR/last.pt, checked before any data is made: readable, of ``model_name``, holding a trainer state."""
+    path = run_dir / "last.pt"
+    payload = load_checkpoint(path, map_location=device)
+    if payload.get("model_name") != model_name:
+        raise ConfigError(f"{path}: a checkpoint of {payload.get('model_name', 'an unknown model')}, "
+                          f"not of {model_name}; it cannot resume this run")
+    if not isinstance(payload.get("trainer"), dict) or "model" not in payload or "optimizer" not in payload:
+        raise ConfigError(f"{path}: holds no training state to resume from (a converted or exported checkpoint?)")
+    return payload
 
 
 def _as_path_text(path) -> str | None:

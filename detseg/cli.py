@@ -17,12 +17,35 @@ from .errors import DetsegError
 _DEBUG = {"on": False}
 
 
+class _OneLineUsageError(click.ClickException):
+    """A command-line mistake (unknown option, bad value, missing argument) as one line, like every other user
+    error, instead of click's usage block; exit status 2 as click gives it."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _one_line(error: click.UsageError) -> _OneLineUsageError:
+    where = error.ctx.command_path if error.ctx is not None else "detseg"
+    return _OneLineUsageError(f"{error.format_message()} (see: {where} --help)")
+
+
 class _Group(click.Group):
     """Turns user errors raised anywhere below into one line and exit status 2."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as err:
+            raise _one_line(err) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:
+            raise _one_line(err) from None
         except DetsegError as err:
             if _DEBUG["on"]:
                 traceback.print_exc()

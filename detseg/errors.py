@@ -41,6 +41,16 @@ class DataError(DetsegError):
         self.file, self.ann_id, self.image_id, self.field, self.value = file, ann_id, image_id, field, value
 
 
+class WriteError(DetsegError):
+    """A file could not be written (a full disk, a read-only or missing directory, no permission). The write was
+    atomic, so the file that was there before is intact; the message names the file and the system's reason."""
+
+    def __init__(self, path, error: OSError):
+        reason = error.strerror or str(error) or type(error).__name__
+        super().__init__(f"{path}: cannot write ({reason}); any previous version of the file is intact")
+        self.path, self.errno = path, error.errno
+
+
 def _last_line_of_traceback(text: str) -> str:
     """A DataLoader re-raises a worker's exception with the worker's whole traceback as its message; the user's
     one line is the traceback's last, after the exception's name."""

@@ -5,6 +5,10 @@ A write goes to a temporary file in the target's directory, is flushed to disk, 
 one, and a write that fails part-way (a full disk, an exception, a kill) leaves the old file as it was and no
 temporary file behind. The other writers (text, JSON, YAML) only turn their data into bytes.
 
+A write the system refuses (a full disk, a read-only directory) raises :class:`~detseg.errors.WriteError`
+naming the file. A kill between the temporary file and the rename can leave a temporary file behind (never a
+truncated target): :func:`remove_stale_temporaries` clears those of a directory, as a run does when it starts.
+
 Reading back a YAML file (a run's ``config.yaml``) raises :class:`~detseg.errors.ConfigError` naming the file when
 it is missing or is not a YAML mapping.
 """
@@ -18,9 +22,16 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, WriteError
 
-__all__ = ["atomic_write_bytes", "write_text", "write_json", "save_yaml", "load_yaml"]
+__all__ = ["atomic_write_bytes", "remove_stale_temporaries", "check_writable", "write_text", "write_json", "save_yaml", "load_yaml"]
+
+
+def _temporary_prefix(name: str) -> str:
+    return f".{name}."
+
+
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def atomic_write_bytes(path: Path | str, data: bytes, mode: int | None = None) -> None:
@@ -30,8 +41,11 @@ def atomic_write_bytes(path: Path | str, data: bytes, mode: int | None = None) -
     by default the file keeps the owner-only permissions of a fresh temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=TEMPORARY_SUFFIX)
+    except OSError as error:
+        raise WriteError(path, error) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -40,9 +54,34 @@ def atomic_write_bytes(path: Path | str, data: bytes, mode: int | None = None) -
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise WriteError(path, error) from None
         raise
+
+
+def remove_stale_temporaries(directory: Path | str) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write_bytes` left in ``directory`` when its process was killed
+    mid-write (``.NAME.XXXX.tmp``); returns what was removed. Only for a directory one process writes (a run
+    directory): another writer's temporary file in progress would be removed too."""
+    removed = []
+    for candidate in Path(directory).glob(f".*{TEMPORARY_SUFFIX}"):
+        if candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def check_writable(directory: Path | str) -> None:
+    """Create ``directory`` if needed and prove a file can be written into it (then removed), so that a run into a
+    read-only or full place fails at its start with one line rather than after its first epoch."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory}: exists and is not a directory")
+    probe = directory / ".write-check"
+    atomic_write_bytes(probe, b"detseg")
+    probe.unlink(missing_ok=True)
 
 
 def write_text(path: Path | str, text: str, mode: int | None = None) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 import detseg.config
 from detseg import io as detseg_io
-from detseg.errors import ConfigError
+from detseg.errors import ConfigError, WriteError
 from detseg.io import atomic_write_bytes, load_yaml, save_yaml, write_json, write_text
 
 
@@ -36,7 +36,7 @@ def test_failed_write_keeps_the_old_file_and_no_temporary_file(tmp_path, monkeyp
         raise OSError("disk on fire")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(WriteError, match="target.txt: cannot write .disk on fire"):
         writer(path, payload)
     assert path.read_bytes() == b"old content"
     assert [p.name for p in tmp_path.iterdir()] == ["target.txt"]

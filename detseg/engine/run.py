@@ -41,6 +41,7 @@ def fit(trainer: Trainer, run_dir: Path, verbose: bool = True) -> None:
     """Train until ``epochs`` or the time budget is used up, saving after every epoch."""
     config, main = trainer.config, trainer.task.main_metric
     writes = trainer.rank == 0
+    epochs_at_start = trainer.epoch
     while trainer.epoch < config["epochs"] and not trainer.stopped_by_budget:
         started = time.perf_counter()
         stats = trainer.run_epoch(checkpoint_path=run_dir / "last.pt")
@@ -61,6 +62,10 @@ def fit(trainer: Trainer, run_dir: Path, verbose: bool = True) -> None:
                  f"{shown}  ({time.perf_counter() - started:.1f} s)", verbose)
         if trainer.world > 1:
             torch.distributed.barrier()
+    if writes and trainer.epoch == epochs_at_start:
+        # Nothing left to train: a run killed between last.pt and these files of its final epoch gets them now.
+        write_history(run_dir / "history.csv", trainer.history)
+        plot_curves(run_dir / "curves.png", trainer.history, main)
     if trainer.stopped_by_budget:
         _log(f"time budget of {config['time_budget']:g} s reached after {trainer.train_seconds:.1f} s of training",
              verbose and writes)
