@@ -2,7 +2,6 @@
 run directory is one clear line; a write that fails midway (a full disk) leaves the previous file intact."""
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import math
@@ -11,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 import detseg.io
 from detseg import api
+from detseg.bench.resume import comparable, damaged_files, temporaries
 from detseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from detseg.errors import ConfigError, WriteError
 
@@ -24,7 +22,6 @@ from .conftest import ROOT
 # kill below has one possible on-disk state and the test one possible outcome.
 ARGS = ["cls/mlp", "--data", "gaussians", "train_size=600", "val_size=200", "width=32", "batch_size=32",
         "checkpoint_seconds=0", "--epochs", "3", "--seed", "11", "--quiet"]
-TIMINGS = {"train_seconds", "train_images_per_second", "infer_ms_per_image"}
 
 KILL_POINTS = {
     "during a step": ("step", 30),                    # in epoch 2: resumes from epoch 1's last.pt
@@ -44,28 +41,9 @@ def killed_at(point: str, n: int, *args, timeout: float = 120) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def comparable(run) -> tuple[dict, list[dict]]:
-    """A run's final metrics and history without wall-clock quantities."""
-    metrics = json.loads((run / "metrics.json").read_text())
-    history = [{key: value for key, value in row.items() if key != "seconds"}
-               for row in csv.DictReader(open(run / "history.csv"))]
-    return {key: value for key, value in metrics.items() if key not in TIMINGS}, history
-
-
 def assert_sound(run) -> None:
-    """Every file of the run directory is whole: no temporary left over, each checkpoint / JSON / CSV / PNG reads."""
-    leftovers = [path.name for path in run.iterdir() if path.name.startswith(".")]
-    assert not leftovers, leftovers
-    for path in run.iterdir():
-        if path.suffix == ".pt":
-            load_checkpoint(path)
-        elif path.suffix == ".json":
-            json.loads(path.read_text())
-        elif path.suffix == ".csv":
-            assert list(csv.DictReader(open(path)))
-        elif path.suffix == ".png":
-            with Image.open(path) as image:
-                image.verify()
+    """Every file of the run directory is whole (checkpoints load, JSON parses, PNGs verify), no temporary left."""
+    assert temporaries(run) == [] and damaged_files(run) == []
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +171,19 @@ def test_write_errors_are_named_and_leave_nothing_behind(tmp_path):
     assert [path.name for path in detseg.io.remove_stale_temporaries(tmp_path)] == [".x.json.abc.tmp"]
     with pytest.raises(ConfigError, match="not a directory"):
         detseg.io.check_writable(target)
+
+
+def test_the_resume_bench_sees_damage_and_runs_a_trial(tmp_path, reference):
+    from detseg.bench.resume import trial
+
+    run = tmp_path / "damaged"
+    run.mkdir()
+    save_checkpoint(run / "last.pt", {"model_name": "cls/mlp"})
+    (run / "metrics.json").write_text('{"top1": 0.')           # cut off mid-write by something not detseg
+    (run / "ok.json").write_text("{}")
+    (run / "best.pt").write_bytes((run / "last.pt").read_bytes()[:100])
+    assert damaged_files(run) == ["best.pt", "metrics.json"]
+
+    row = trial([*ARGS[:-1]], tmp_path / "trial", delay=3.0, reference=reference)   # --quiet: trial adds it
+    assert row is not None and row["exact"], row
+    assert row["left_after"] == [] and row["damaged"] == []

@@ -22,6 +22,7 @@ STUDIES = {
     "convert": "detseg.bench.convert",
     "roialign": "detseg.bench.roialign",
     "densecap": "detseg.bench.densecap",
+    "resume": "detseg.bench.resume",
 }
 
 
