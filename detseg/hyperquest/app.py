@@ -17,6 +17,10 @@ Routes (JSON unless said otherwise)::
     GET  /admin/export?format=json|csv&table=...   (admin token: Authorization: Bearer T, or ?token=T)
     GET  /vendor/plotly.min.js      plotly.js from the installed plotly package (no CDN)
 
+Every answer is declared in the OpenAPI schema (``/openapi.json``, browsable at ``/api/docs``): the body models of
+:mod:`.responses`, every refusal a route can give, and both credentials (the session cookie, the admin token), so
+the schema is a contract clients and tests/test_hyperquest_schema.py can hold the server to.
+
 The cookie only carries the player's database id, signed with the server's secret (itsdangerous, through
 Starlette's session middleware), so it cannot be forged; every trial route checks that the trial is the player's.
 Request handlers are plain functions: FastAPI runs them in its thread pool, so a slow database never blocks the
@@ -28,15 +32,16 @@ import hmac
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path as PathParameter, Query, Request, Security
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.middleware.sessions import SessionMiddleware
 
-from . import schemas
+from . import responses, schemas
 from .db import TABLES
 from .game import Game, GameError
 from .settings import Settings, limits
@@ -44,6 +49,36 @@ from .views import to_csv
 
 STATIC = Path(__file__).parent / "static"
 SESSION_DAYS = 14
+SESSION_COOKIE = "hyperquest_session"
+
+# The credentials, as the schema declares them. The session scheme only documents the cookie: Starlette's session
+# middleware has checked its signature before a route runs. The admin token is accepted either way (a header for
+# scripts, ?token= for a link the server prints at start) and compared in the route.
+SESSION_SCHEME = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, scheme_name="session",
+                              description="the signed session cookie that POST /api/login sets")
+ADMIN_BEARER = HTTPBearer(auto_error=False, scheme_name="admin_bearer", description="the server's admin token")
+ADMIN_QUERY = APIKeyQuery(name="token", auto_error=False, scheme_name="admin_query",
+                          description="the server's admin token, as a query parameter")
+
+TrialId = Annotated[int, PathParameter(ge=1, le=schemas.MAX_ROW_ID)]
+
+# What each refusal means; routes list the ones they can give, so that the schema names every answer.
+REFUSALS = {
+    400: "the body cannot be parsed at all (it is not UTF-8 text)",
+    401: "not logged in, or the session no longer names a player: log in (again)",
+    403: "this player ID belongs to someone with another name",
+    404: "no such trial of yours, or an unknown player",
+    409: "not possible in the trial's current state (the reason says why)",
+    415: "a POST to /api/ whose body is not JSON",
+    422: "invalid input: the fields that failed validation, or why the request is impossible for this trial",
+}
+
+
+def refusals(*statuses: int, reasons: dict[int, str] | None = None) -> dict:
+    """``responses=`` of a route: its error answers, their bodies' models, and what they mean for this route."""
+    reasons = {**REFUSALS, **(reasons or {})}
+    return {status: {"model": responses.InvalidRequest if status == 422 else responses.Message,
+                     "description": reasons[status]} for status in statuses}
 
 
 def plotly_js() -> Path:
@@ -68,7 +103,7 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
     app = FastAPI(title="HyperQuest", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
     app.state.game = game
     app.add_middleware(GZipMiddleware, minimum_size=2048)
-    app.add_middleware(SessionMiddleware, secret_key=settings.secret_key, session_cookie="hyperquest_session",
+    app.add_middleware(SessionMiddleware, secret_key=settings.secret_key, session_cookie=SESSION_COOKIE,
                        max_age=SESSION_DAYS * 86400, same_site="lax")
 
     @app.middleware("http")
@@ -85,7 +120,7 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
     async def game_error(_request: Request, error: GameError):
         return JSONResponse({"detail": str(error)}, status_code=error.status)
 
-    def player_id(request: Request) -> int:
+    def player_id(request: Request, _cookie: str | None = Security(SESSION_SCHEME)) -> int:
         value = request.session.get("player")
         if not isinstance(value, int):
             raise NotLoggedIn("log in first")
@@ -104,63 +139,71 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
                             headers={"Cache-Control": "public, max-age=86400"})
 
     # ---- players ------------------------------------------------------------------------------------------------
-    @app.post("/api/login")
+    @app.post("/api/login", response_model=responses.PlayerView, responses=refusals(400, 403, 415, 422))
     def login(request: Request, body: schemas.Login):
         player = game.login(body.player_id, body.name)
         request.session.clear()
         request.session["player"] = player["id"]
         return player
 
-    @app.post("/api/logout")
+    @app.post("/api/logout", response_model=responses.Done, responses=refusals(415))
     def logout(request: Request):
         request.session.clear()
         return {"ok": True}
 
-    @app.get("/api/me")
+    @app.get("/api/me", response_model=responses.PlayerView, responses=refusals(401))
     def me(player: int = Depends(player_id)):
         try:
             return game.player(player)
         except GameError as error:           # a cookie of a player that no longer exists (database reset)
             raise NotLoggedIn(str(error)) from None
 
-    @app.post("/api/survey")
+    @app.post("/api/survey", response_model=responses.PlayerView, responses=refusals(400, 401, 404, 415, 422))
     def survey(body: schemas.Survey, player: int = Depends(player_id)):
         return game.submit_survey(player, body.model_dump())
 
-    @app.get("/api/limits")
+    @app.get("/api/limits", response_model=responses.Limits)
     def get_limits():
         return {**limits(), "epoch_limit": settings.epoch_limit, "baseline_draws": settings.baseline_draws}
 
     # ---- trials -------------------------------------------------------------------------------------------------
-    @app.post("/api/trials")
+    @app.post("/api/trials", response_model=responses.TrialView, responses=refusals(401, 404, 409, 415))
     def new_trial(player: int = Depends(player_id)):
         return game.new_trial(player)
 
-    @app.get("/api/trials")
+    @app.get("/api/trials", response_model=list[responses.TrialSummary], responses=refusals(401))
     def list_trials(player: int = Depends(player_id)):
         return game.trials(player)
 
-    @app.get("/api/trials/{trial_id}")
-    def get_trial(trial_id: int, player: int = Depends(player_id)):
+    @app.get("/api/trials/{trial_id}", response_model=responses.TrialView, responses=refusals(401, 404, 422))
+    def get_trial(trial_id: TrialId, player: int = Depends(player_id)):
         return game.view(player, trial_id)
 
-    @app.post("/api/trials/{trial_id}/actions")
-    def act(trial_id: int, body: schemas.TrialAction, player: int = Depends(player_id)):
+    @app.post("/api/trials/{trial_id}/actions", response_model=responses.TrialView,
+              responses=refusals(400, 401, 404, 409, 415, 422))
+    def act(trial_id: TrialId, body: schemas.TrialAction, player: int = Depends(player_id)):
         return game.act(player, trial_id, body)
 
-    @app.get("/api/leaderboard")
-    def get_leaderboard(dataset_id: int | None = None):
+    @app.get("/api/leaderboard", response_model=responses.Leaderboard, responses=refusals(422))
+    def get_leaderboard(dataset_id: Annotated[int | None, Query(ge=1, le=schemas.MAX_ROW_ID)] = None):
         return game.leaderboard(dataset_id)
 
-    @app.get("/api/status")
+    @app.get("/api/status", response_model=responses.QueueStats)
     def status():
         return game.queue.stats()
 
     # ---- research export ----------------------------------------------------------------------------------------
-    @app.get("/admin/export")
-    def export(request: Request, format: Literal["json", "csv"] = "json",
-               table: Literal[tuple(TABLES)] | None = Query(None), token: str | None = None):
-        given = token or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    csv_answer = {"content": {"text/csv": {"schema": {"type": "string"}}},
+                  "description": "the research record: all tables as JSON, or one table as CSV"}
+
+    export_refusals = refusals(403, 422, reasons={403: "no admin token, or a wrong one",
+                                                  422: "an unknown format or table, or format=csv without a table"})
+
+    @app.get("/admin/export", response_model=responses.ExportTables, responses={200: csv_answer, **export_refusals})
+    def export(format: Literal["json", "csv"] = "json", table: Literal[tuple(TABLES)] | None = Query(None),
+               token: str | None = Security(ADMIN_QUERY),
+               bearer: HTTPAuthorizationCredentials | None = Security(ADMIN_BEARER)):
+        given = token or (bearer.credentials if bearer else "")
         if not given or not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
             return JSONResponse({"detail": "admin token required"}, status_code=403)
         if format == "json":

@@ -205,12 +205,15 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def iso_utc(value: datetime) -> str:
+    """A stored time as ISO 8601 with its UTC offset: SQLite drops the time zone, PostgreSQL keeps it."""
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+
+
 def row_dict(row: Base) -> dict:
     """A row as a JSON-ready dict (timestamps as ISO strings), for the admin export."""
     out = {}
     for column in row.__table__.columns:
         value = getattr(row, column.key)
-        if isinstance(value, datetime):
-            value = (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()  # SQLite drops tz
-        out[column.key] = value
+        out[column.key] = iso_utc(value) if isinstance(value, datetime) else value
     return out

@@ -1,11 +1,13 @@
 """Request bodies, validated by pydantic: anything out of range is a 422 whose message says which field and why.
 
 Unknown fields are rejected too (``extra="forbid"``): a misspelt ``learning_rate`` must not silently train with the
-old value. The actions on a trial are one tagged union on ``action``, so an unknown action is a 422 as well.
+old value. Nor are types coerced (``strict``): ``"0.1"`` is not a number and ``1`` is not ``true``, so what the
+OpenAPI schema says is what the server accepts (JSON Schema's rule that ``3.0`` is an integer included). The actions
+on a trial are one tagged union on ``action``, so an unknown action is a 422 as well.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -13,13 +15,36 @@ from .settings import (BATCH_SIZE_RANGE, LR_MAX, MAX_GROW_FACTOR, MAX_INITIAL_DE
                        WEIGHT_DECAY_MAX)
 
 
+# Row ids stay below 2**53, the integers JavaScript (the page) and a JSON schema's float bounds hold exactly. A larger
+# number names no row, and past 2**63 would overflow SQLite's driver (a 500): it is refused as invalid input instead.
+MAX_ROW_ID = 2 ** 53 - 1
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_numbers_are_integers(cls, data):
+        """JSON has one number type, and JSON Schema counts 3.0 as the integer 3: take it as 3, as a strict int
+        field would not. (A model validator, not a field type: that would leave the bounds out of the schema.)"""
+        if not isinstance(data, dict):
+            return data
+        integers = {name for name, field in cls.model_fields.items() if field.annotation in (int, Optional[int])}
+        return {key: int(value) if key in integers and isinstance(value, float) and value.is_integer() else value
+                for key, value in data.items()}
 
 
 class Login(Strict):
-    player_id: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9_.@-]{1,64}$")]
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=80)]
+    """Taken as sent (the page trims what was typed), so that the schema's patterns are exactly what is accepted.
+
+    A name is shown on the leaderboards: printable text without leading or trailing spaces. Control characters are
+    refused as well because PostgreSQL cannot store a NUL in a text column.
+    """
+
+    player_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=80,
+                                           pattern=r"^[^\x00-\x20\x7f](?:[^\x00-\x1f\x7f]*[^\x00-\x20\x7f])?$")]
 
 
 class Survey(Strict):
@@ -76,9 +101,14 @@ class GrowAction(Strict):
 
 
 class RevertAction(Strict):
+    """Back to a point of the shown history: give exactly one of checkpoint_id and epoch, and leave the other out."""
+
+    # Typed int, not int | None: null is refused, so "exactly one" is a plain oneOf of the schema. None is only the
+    # default that stands for "not given".
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["checkpoint_id"]}, {"required": ["epoch"]}]})
     action: Literal["revert"]
-    checkpoint_id: int | None = Field(None, ge=1)
-    epoch: int | None = Field(None, ge=1, description="the latest checkpoint of this epoch in the shown history")
+    checkpoint_id: int = Field(None, ge=1, le=MAX_ROW_ID)
+    epoch: int = Field(None, ge=1, description="the latest checkpoint of this epoch in the shown history")
 
     @model_validator(mode="after")
     def _one_target(self) -> "RevertAction":

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .baselines import majority_accuracy, summarize_baselines
-from .db import TABLES, Baseline, Checkpoint, Dataset, Player, Trial, row_dict
+from .db import TABLES, Baseline, Checkpoint, Dataset, Player, Trial, iso_utc, row_dict
 
 
 def lineage(session: Session, trial: Trial) -> list[Checkpoint]:
@@ -88,7 +88,7 @@ def leaderboard(session: Session, draws: int, dataset_id: int | None = None, lim
                         "pool_index": dataset.pool_index, "dataset": dataset.spec["name"],
                         "val_acc": trial.final_val_acc, "skill": skill(trial.final_val_acc, dataset.summary),
                         "diverged": trial.final_diverged, "epochs": trial.epoch,
-                        "finished_at": trial.finished_at.isoformat() if trial.finished_at else None})
+                        "finished_at": iso_utc(trial.finished_at) if trial.finished_at else None})
     overall = sorted(entries, key=lambda e: (-(e["skill"] if e["skill"] is not None else -1e9), e["trial_id"]))
     shown_ids = {dataset_id} if dataset_id is not None else {e["dataset_id"] for e in entries}
     per_dataset = []

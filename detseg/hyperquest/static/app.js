@@ -90,7 +90,8 @@ async function route() {
 $("login-form").addEventListener("submit", (event) => {
   event.preventDefault();
   guarded(async () => {
-    app.me = await api("POST", "/api/login", { player_id: $("login-id").value, name: $("login-name").value });
+    const typed = { player_id: $("login-id").value.trim(), name: $("login-name").value.trim() };
+    app.me = await api("POST", "/api/login", typed);
     location.hash = app.me.active_trial ? `#/trial/${app.me.active_trial}` : "#/";
     route();
   });
