@@ -13,11 +13,14 @@ Conventions (documented here because COCO leaves them implicit):
   :data:`BOX_TOLERANCE_PX` (float rounding in exporters); it is then clipped to the image. More is an error.
 - ``segmentation`` is a list of polygons (each ``[x1, y1, x2, y2, ...]``, at least 3 points) or an RLE dict whose
   ``size`` must be the image's ``[height, width]``. An empty list means "no segmentation" (some exporters write
-  that for box-only annotations); the Dataset then uses the filled box as the mask.
+  that for box-only annotations); the Dataset then uses the filled box as the mask. Polygon points (and joints)
+  may lie outside the image, but not farther than the image's own width / height; compressed RLE counts must
+  decode to runs >= 0 that add up to ``height * width`` (pycocotools does not check either).
 - Degenerate polygons (fewer than 3 points: real COCO train2017 has a few) are an error by default. The lenient
   mode, ``CocoSource(..., strict=False)`` (the run knob ``strict=false``, ``detseg data check --lenient``), drops
   them instead and prints how many: such a polygon covers no area (pycocotools would even read a 4-number one as a
   box), so the annotation keeps its box and its other polygons; one left with none has no segmentation at all.
+- An image's ``width * height`` is at most ``PIL.Image.MAX_IMAGE_PIXELS`` (:mod:`detseg.data.images`).
 - ``iscrowd`` (default 0) must be 0 or 1; ``area`` (default: mask area, else box area) must be >= 0;
   ``keypoints`` must hold 3 numbers per keypoint named by the annotation's category, visibility in {0, 1, 2};
   ``caption`` (our extension, optional) must be a string.
@@ -33,8 +36,8 @@ from pathlib import Path
 
 from pycocotools import mask as mask_utils
 
-from detseg.data.images import load_rgb
-from detseg.data.records import Sample
+from detseg.data.images import check_pixel_count, first_file
+from detseg.data.records import RecordSource
 from detseg.errors import DataError
 
 # How far (in pixels) a box may leave the image before it counts as an error rather than rounding noise.
@@ -42,17 +45,6 @@ BOX_TOLERANCE_PX = 1.0
 
 
 # --- shared format helpers (used by voc.py and dataset.py too) ---------------------------------------------------
-
-def contiguous_labels(categories: list[dict]) -> tuple[dict[int, int], list[int]]:
-    """COCO category ids -> model labels 1..K (list order), and back.
-
-    Returns ``(label_of, category_of)``: ``label_of[category_id] = label`` and ``category_of[label] =
-    category_id`` with ``category_of[0] = 0`` standing for background.
-    """
-    label_of = {category["id"]: label for label, category in enumerate(categories, start=1)}
-    category_of = [0] + [category["id"] for category in categories]
-    return label_of, category_of
-
 
 def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
     """A validated COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE."""
@@ -62,6 +54,26 @@ def segmentation_to_rle(segmentation, height: int, width: int) -> dict:
     if isinstance(counts, list):        # uncompressed RLE, as COCO stores crowd regions
         return mask_utils.frPyObjects(segmentation, height, width)
     return {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def compressed_rle_counts(text: str) -> list[int] | None:
+    """The run lengths of a compressed RLE string, as pycocotools' ``rleFrString`` reads them (signed, before its
+    cast to unsigned); None when the string ends inside a number."""
+    runs, position = [], 0
+    while position < len(text):
+        value = shift = 0
+        while True:   # 5 bits per character, least significant first; 0x20 = more follow, 0x10 = sign of the last
+            if position == len(text):
+                return None
+            char = ord(text[position]) - 48
+            value |= (char & 0x1F) << shift
+            position, shift = position + 1, shift + 5
+            if not char & 0x20:
+                break
+        if char & 0x10:
+            value -= 1 << shift
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))   # from the 4th run on: a delta to the one 2 back
+    return runs
 
 
 def rle_for_json(rle: dict) -> dict:
@@ -95,65 +107,18 @@ def checked_box(file, box, width: int, height: int, *, field: str, image_id=None
 
 
 def is_number(value) -> bool:
-    """A finite int or float (bools are not numbers here, although Python says they are)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (bools are not numbers here, although Python says they are; nor are integers beyond
+    any float, which json reads from a 400-digit literal and every later ``float()`` would overflow on)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-# --- a source made of validated records ----------------------------------------------------------------------------
-
-class RecordSource:
-    """Validated COCO records held in memory plus the file of each image: what CocoSource and VocSource share.
-
-    Implements the :class:`detseg.data.records.Source` protocol; ``label_of`` / ``category_of`` map COCO
-    category ids to contiguous labels and back; :meth:`ground_truth` gives the pycocotools ground truth without
-    decoding any image.
-    """
-
-    def __init__(self, origin: Path, categories: list[dict], images: list[dict], annotations: list[dict],
-                 image_paths: list[Path]):
-        self.origin = origin  # the file errors found later (while sampling) are reported against
-        self.categories, self.images, self.annotations = categories, images, annotations
-        self.label_of, self.category_of = contiguous_labels(categories)
-        self._image_paths = image_paths
-        position_of_image = {image["id"]: position for position, image in enumerate(images)}
-        self._annotations_of: list[list[dict]] = [[] for _ in images]
-        for annotation in annotations:
-            self._annotations_of[position_of_image[annotation["image_id"]]].append(annotation)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def image_path(self, index: int) -> Path:
-        """Where image ``index`` lives on disk."""
-        return self._image_paths[index]
-
-    def check_size(self, index: int, width: int, height: int) -> None:
-        """A DataError unless image ``index``'s file (``width`` x ``height`` pixels) has the annotations' size."""
-        entry = self.images[index]
-        if (width, height) != (entry["width"], entry["height"]):
-            raise DataError(self.origin, f"image file {self._image_paths[index]} is {width}x{height} pixels but the "
-                            f"annotations say {entry['width']}x{entry['height']}", image_id=entry["id"],
-                            field="width/height")
-
-    def sample(self, index: int) -> Sample:
-        """Decode image ``index`` and hand out (copies of) its annotations; masks are left to the Dataset."""
-        entry, path = self.images[index], self._image_paths[index]
-        pixels = load_rgb(path, image_id=entry["id"])  # (H, W, 3) uint8
-        self.check_size(index, width=pixels.shape[1], height=pixels.shape[0])
-        return Sample(image=pixels, image_id=entry["id"],
-                      annotations=[dict(annotation) for annotation in self._annotations_of[index]],
-                      file_name=entry["file_name"])
-
-    def ground_truth(self) -> dict:
-        """The whole source as a COCO dict for pycocotools (shallow copies: COCOeval writes into its records)."""
-        return {"info": {"description": f"detseg ground truth from {self.origin}"},
-                "images": [dict(image) for image in self.images],
-                "annotations": [dict(annotation) for annotation in self.annotations],
-                "categories": [dict(category) for category in self.categories]}
 
 
 # --- COCO json ------------------------------------------------------------------------------------------------------
@@ -201,11 +166,20 @@ class CocoSource(RecordSource):
             if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
                 self._fail(f"category {cid}: keypoints must be a list of joint names",
                            field=f"categories[{k}].keypoints", value=names)
-            for bone in category.get("skeleton", []):
+            bones, sigmas = category.get("skeleton", []), category.get("keypoint_sigmas")
+            if not isinstance(bones, list):
+                self._fail(f"category {cid}: skeleton must be a list of bones", field=f"categories[{k}].skeleton",
+                           value=bones)
+            for bone in bones:
                 if not (isinstance(bone, list) and len(bone) == 2 and all(is_int(j) and 1 <= j <= len(names)
                                                                           for j in bone)):
                     self._fail(f"category {cid}: skeleton bones must be pairs of 1-based joint indices "
                                f"1..{len(names)}", field=f"categories[{k}].skeleton", value=bone)
+            # Our extension, read by keypoint evaluation (OKS): one spread per joint.
+            if sigmas is not None and not (isinstance(sigmas, list) and len(sigmas) == len(names)
+                                           and all(is_number(s) and s > 0 for s in sigmas)):
+                self._fail(f"category {cid}: keypoint_sigmas must be {len(names)} numbers > 0, one per joint",
+                           field=f"categories[{k}].keypoint_sigmas", value=sigmas)
             categories.append(dict(category))
         return categories
 
@@ -226,6 +200,7 @@ class CocoSource(RecordSource):
                 if not (is_number(size) and size > 0 and float(size).is_integer()):
                     self._fail(f"image {side} must be a positive integer", image_id=iid, field=side, value=size)
                 entry[side] = int(size)
+            check_pixel_count(self.json_path, entry["width"], entry["height"], image_id=iid)
             file_name = image.get("file_name")
             if not isinstance(file_name, str) or not file_name:
                 self._fail("file_name must be a non-empty string", image_id=iid, field="file_name", value=file_name)
@@ -239,9 +214,9 @@ class CocoSource(RecordSource):
             candidates = [self.image_root / file_name, json_dir / file_name]
         else:
             candidates = [json_dir / file_name, json_dir / "images" / file_name]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
+        found = first_file(candidates)
+        if found is not None:
+            return found
         self._fail(f"image file not found (looked for {', '.join(map(str, candidates))})",
                    image_id=image_id, field="file_name", value=file_name)
 
@@ -300,7 +275,7 @@ class CocoSource(RecordSource):
         annotation["area"] = float(area)
 
         if "keypoints" in raw:
-            annotation["num_keypoints"] = self._check_keypoints(raw["keypoints"], category, where)
+            annotation["num_keypoints"] = self._check_keypoints(raw["keypoints"], category, width, height, where)
 
         caption = raw.get("caption")
         if caption is not None and not isinstance(caption, str):
@@ -322,6 +297,7 @@ class CocoSource(RecordSource):
                     hint = "; strict=false drops such polygons and keeps the box" if len(polygon) < 6 else ""
                     self._fail(f"polygon needs an even number (>= 6) of coordinates, has {len(polygon)}{hint}",
                                field=field, value=polygon, **where)
+                self._check_near_image(polygon, width, height, field, where)
                 kept.append(polygon)
             return kept
         if not isinstance(segmentation, dict):
@@ -339,12 +315,28 @@ class CocoSource(RecordSource):
                 self._fail(f"uncompressed RLE counts must sum to height*width = {height * width}",
                            field="segmentation.counts", value=sum(counts), **where)
         elif not (isinstance(counts, str) and counts and all(48 <= ord(c) < 112 for c in counts)):
-            # Compressed counts are characters '0'..'o' (6 bits each); their total is checked when decoded.
+            # Compressed counts are characters '0'..'o' (6 bits each), checked below.
             self._fail("RLE counts must be a list of integers or a compressed RLE string",
                        field="segmentation.counts", value=counts, **where)
+        else:
+            # pycocotools decodes such a string unchecked: runs that fall short of height*width leave the rest of
+            # the mask uninitialised memory, and a string ending inside a number is read past its end.
+            runs = compressed_rle_counts(counts)
+            if runs is None or min(runs) < 0 or sum(runs) != height * width:
+                self._fail(f"compressed RLE counts must decode to run lengths >= 0 summing to height*width = "
+                           f"{height * width}", field="segmentation.counts", value=counts, **where)
         return segmentation
 
-    def _check_keypoints(self, keypoints, category: dict, where: dict) -> int:
+    def _check_near_image(self, flat_xy: list, width: int, height: int, field: str, where: dict) -> None:
+        """Points may leave the image (masks are clipped to it, joints outside it dropped), but not by more than
+        its own size: that is a coordinate error (normalised or swapped coordinates, another image's size), and
+        pycocotools rasterises a polygon in time proportional to its length - a point at 1e8 px takes minutes."""
+        xs, ys = flat_xy[0::2], flat_xy[1::2]
+        if not (all(-width <= x <= 2 * width for x in xs) and all(-height <= y <= 2 * height for y in ys)):
+            self._fail(f"points lie farther outside the {width}x{height} image than its own size",
+                       field=field, value=flat_xy, **where)
+
+    def _check_keypoints(self, keypoints, category: dict, width: int, height: int, where: dict) -> int:
         """Validate flat ``[x1, y1, v1, ...]`` against the category's joints; return how many are labelled."""
         names = category.get("keypoints", [])
         if not (isinstance(keypoints, list) and all(map(is_number, keypoints))):
@@ -353,6 +345,8 @@ class CocoSource(RecordSource):
             self._fail(f"keypoints must hold 3 x {len(names)} = {3 * len(names)} numbers for category "
                        f"'{category['name']}' (x, y, visibility per joint)",
                        field="keypoints", value=len(keypoints), **where)
+        xy = [value for position, value in enumerate(keypoints) if position % 3 != 2]
+        self._check_near_image(xy, width, height, "keypoints", where)
         for joint, name in enumerate(names):
             flag = keypoints[3 * joint + 2]
             if flag not in (0, 1, 2):
@@ -373,6 +367,11 @@ def _read_json_object(path: Path) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(path, f"invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    except ValueError:               # json's one other complaint: an integer longer than Python converts
+        raise DataError(path, f"cannot read annotation file: an integer has more than "
+                        f"{sys.get_int_max_str_digits()} digits") from None
+    except RecursionError:
+        raise DataError(path, "cannot read annotation file: lists or objects nested too deeply") from None
     if not isinstance(data, dict):
         raise DataError(path, "top level must be a JSON object with images, annotations and categories",
                         value=type(data).__name__)

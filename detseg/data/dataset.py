@@ -19,8 +19,8 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
-from detseg.data.coco import contiguous_labels, rle_for_json, segmentation_to_rle
-from detseg.data.records import Sample
+from detseg.data.coco import rle_for_json, segmentation_to_rle
+from detseg.data.records import Sample, contiguous_labels
 from detseg.data.transforms import join_keypoints, split_keypoints
 from detseg.errors import DataError
 

@@ -13,9 +13,14 @@ medical or depth images. Rather than let each caller guess, everything is brough
 
 Pixels are returned as stored: EXIF orientation is *not* applied, because COCO's annotations refer to the stored
 pixel grid too. Multi-frame files (GIF, TIFF stacks) give their first frame.
+
+Size. An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89.5 million, e.g. 12,000 x 7,500; PIL's own
+decompression-bomb threshold, which a user may raise) is refused with a DataError from its header alone, before
+anything is decoded: decoding it would take gigabytes, and a corrupt or hostile header can claim any size.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,50 @@ from detseg.errors import DataError
 
 _HIGH_BIT_INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# PIL warns on stderr about damage it works around (corrupt EXIF, odd chunks) and on opening an image above its
+# size limit. detseg reads such a file or refuses it with its own DataError naming it (check_pixel_count), so the
+# warnings would only break the CLI's promise of one line per problem.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# What PIL raises on corrupt or non-image files: UnidentifiedImageError and "image file is truncated" are OSErrors;
+# some format plugins fail on garbage headers with the others.
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def check_pixel_count(file, width: int, height: int, image_id=None) -> None:
+    """A DataError (naming ``file``) for an image of more pixels than PIL's limit (see the module docstring)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise DataError(file, f"image of {width}x{height} = {width * height:,} pixels is too large to decode safely "
+                        f"(PIL.Image.MAX_IMAGE_PIXELS = {limit:,})", image_id=image_id)
+
+
+def first_file(candidates) -> Path | None:
+    """The first of ``candidates`` that is a file, or None. A name the OS refuses to look up (longer than 255
+    bytes, say: a json's file_name can be anything) is no file rather than an OSError."""
+    for candidate in candidates:
+        try:
+            if Path(candidate).is_file():
+                return Path(candidate)
+        except OSError:
+            continue
+    return None
+
+
+def _reason(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def read_image_size(path: str | Path, image_id=None) -> tuple[int, int]:
+    """(width, height) from the header of image file ``path`` (a few bytes read); a DataError naming the file if it
+    is not an image PIL can read, or too large to decode."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+    except _READ_ERRORS as error:
+        raise DataError(path, f"cannot read image header: {_reason(error)}", image_id=image_id) from None
+    check_pixel_count(path, *size, image_id=image_id)
+    return size
 
 
 def load_rgb(path: str | Path, image_id=None) -> np.ndarray:
@@ -39,16 +88,13 @@ def load_rgb(path: str | Path, image_id=None) -> np.ndarray:
         raise DataError(path, f"image file {what}", image_id=image_id)
     try:
         with Image.open(path) as image:
+            check_pixel_count(path, *image.size, image_id=image_id)
             image.load()  # decode now, inside the try: truncated data only shows up here
             return _to_rgb_array(image)
     except DataError:
         raise
-    except Image.DecompressionBombError as error:
-        raise DataError(path, f"image too large to decode safely: {error}", image_id=image_id) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        # UnidentifiedImageError (not an image) and "image file is truncated" are both OSErrors.
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(path, f"cannot read image: {reason}", image_id=image_id) from None
+    except _READ_ERRORS as error:
+        raise DataError(path, f"cannot read image: {_reason(error)}", image_id=image_id) from None
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -66,9 +112,10 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
             gray = gray * 255.0
         return _gray_to_rgb(np.clip(gray, 0, 255))
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)  # (H, W, 4)
-        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
-        return np.round(rgb).astype(np.uint8)
+        rgba = np.asarray(image.convert("RGBA"))  # (H, W, 4) uint8
+        # round(c * alpha / 255) in 16-bit integers, not float64 (4x the memory): c * alpha + 127 <= 65152, and
+        # c * alpha / 255 is never exactly halfway (that would need 2 * c * alpha, even, = 255 * odd).
+        return ((rgba[..., :3] * rgba[..., 3:].astype(np.uint16) + 127) // 255).astype(np.uint8)
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 

@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ..errors import DataError
 from .dataset import InstanceDataset
+from .images import read_image_size
 from .transforms import Augmentation, sample_seed
 
 # prepare(image (3, H, W) uint8, target) -> (image (3, h, w) uint8, target in those pixels)
@@ -139,13 +139,7 @@ def check_image_headers(source, progress: bool = True, threads: int = 8) -> None
         return
 
     def check(index: int) -> None:
-        entry, path = source.images[index], source.image_path(index)
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (OSError, ValueError, SyntaxError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise DataError(path, f"cannot read image header: {reason}", image_id=entry["id"]) from None
+        width, height = read_image_size(source.image_path(index), image_id=source.images[index]["id"])
         source.check_size(index, width=width, height=height)      # the same check as decoding makes
 
     with ThreadPoolExecutor(threads) as pool:

@@ -30,7 +30,9 @@ import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from detseg.data.coco import RecordSource, checked_box
+from detseg.data.coco import checked_box
+from detseg.data.images import first_file
+from detseg.data.records import RecordSource
 from detseg.errors import ConfigError, DataError
 
 VOC_CLASSES = (
@@ -75,7 +77,11 @@ class VocSource(RecordSource):
                 available = sorted(p.stem for p in split_dir.glob("*.txt") if "_" not in p.stem)
                 raise DataError(split_file, f"split file not found (available: {', '.join(available) or 'none'})",
                                 field="split", value=split)
-            ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+            try:
+                text = split_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise DataError(split_file, f"cannot read split file: {error}", field="split", value=split) from None
+            ids = [line.split()[0] for line in text.splitlines() if line.strip()]
             listed = [(voc_id, annotation_dir / f"{voc_id}.xml") for voc_id in ids]
             for voc_id, xml_path in listed:
                 if not xml_path.is_file():
@@ -125,9 +131,9 @@ class VocSource(RecordSource):
     def _find_image(self, record: dict) -> Path:
         candidates = [self.image_dir / record["filename"]] if record["filename"] else []
         candidates += [self.image_dir / f"{record['voc_id']}{suffix}" for suffix in _IMAGE_SUFFIXES]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
+        found = first_file(candidates)
+        if found is not None:
+            return found
         raise DataError(record["xml"], f"image file not found (looked for {', '.join(map(str, candidates))})",
                         image_id=record["voc_id"], field="filename", value=record["filename"] or None)
 
@@ -140,6 +146,8 @@ def _parse_xml(xml_path: Path, voc_id: str) -> dict:
         raise DataError(xml_path, f"malformed XML: {error}", image_id=voc_id) from None
     except OSError as error:
         raise DataError(xml_path, f"cannot read annotation file: {error}", image_id=voc_id) from None
+    except LookupError as error:     # the xml declaration names an encoding Python does not know
+        raise DataError(xml_path, f"malformed XML: {error}", image_id=voc_id) from None
     fields = _FieldReader(xml_path, voc_id)
     record = {"xml": xml_path, "voc_id": voc_id, "filename": (root.findtext("filename") or "").strip(),
               "width": fields.positive_int(root, "size/width"), "height": fields.positive_int(root, "size/height"),

@@ -154,7 +154,7 @@ class DetectionTask(Task):
         train_source, val_source = open_splits(config, data, val)
         train_names, val_names = label_names(train_source), label_names(val_source)
         if train_names != val_names:
-            raise ConfigError(f"--val: its categories {val_names[1:]} differ from the training set's "
+            raise ConfigError(f"--val {val}: its categories {val_names[1:]} differ from the training set's "
                               f"{train_names[1:]}")
         selective_search = "ss_mode" in config
         if selective_search and config["loading"] == "stream":

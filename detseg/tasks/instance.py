@@ -17,6 +17,7 @@ from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmenta
 
 from ..data.dataset import keypoint_flip_index, label_maps
 from ..data.transforms import AUGMENT_OPTIONS, Augmentation
+from ..errors import DataError
 from ..io import write_json
 from ..metrics import coco_evaluator, coco_stats, per_class_ap, results_from_keypoints, results_from_masks
 from ..models.instance import mask_rcnn
@@ -37,8 +38,14 @@ def instance_target(target: dict) -> dict:
 
 
 def keypoint_category(source) -> dict | None:
-    """The category whose annotations carry joints (COCO's person), or None."""
-    return next((category for category in source.categories if category.get("keypoints")), None)
+    """The category whose annotations carry joints (COCO's person), or None. The keypoint head learns the joints
+    of one category and flips them by its joint names, so data where several categories name joints is refused."""
+    with_joints = [category for category in source.categories if category.get("keypoints")]
+    if len(with_joints) > 1:
+        raise DataError(getattr(source, "origin", "<data>"), "more than one category names keypoints; "
+                        "inst/mask_rcnn learns the joints of one", field="categories",
+                        value=[category["name"] for category in with_joints])
+    return with_joints[0] if with_joints else None
 
 
 def _resized_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
