@@ -19,7 +19,7 @@ import torch
 
 from . import __version__, registry
 from .config import parse_overrides, resolve
-from .engine.checkpoint import load_checkpoint, load_matching
+from .engine.checkpoint import checked_payload, load_checkpoint, load_matching
 from .engine.run import finish, fit
 from .engine.trainer import Trainer
 from .errors import ConfigError
@@ -86,7 +86,7 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
     if init is not None:   # read now: a wrong path fails before any data is generated
         if resume:
             raise ConfigError("--init: a resumed run continues from its own last.pt; drop --init or --resume")
-        init_payload = load_checkpoint(init, map_location="cpu")
+        init_payload = checked_payload(init, load_checkpoint(init, map_location="cpu"))
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs --out RUN_DIR, the directory of the run to continue")
@@ -113,7 +113,7 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
     task = entry.make_task(config)
     placeholder = task.placeholder_info(data)
     if placeholder is not None:
-        entry.build(config, placeholder)  # fail fast on a bad knob combination
+        check_buildable(entry, config, placeholder)  # fail fast on a bad knob combination or an absurd size
     seed_everything(config["seed"])
     bundle = task.make_data(data, val)
 
@@ -164,13 +164,39 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
 def _read_resume_state(run_dir: Path, model_name: str, device: torch.device) -> dict:
     """RUN_DIR/last.pt, checked before any data is made: readable, of ``model_name``, holding a trainer state."""
     path = run_dir / "last.pt"
-    payload = load_checkpoint(path, map_location=device)
+    payload = checked_payload(path, load_checkpoint(path, map_location=device))
     if payload.get("model_name") != model_name:
         raise ConfigError(f"{path}: a checkpoint of {payload.get('model_name', 'an unknown model')}, "
                           f"not of {model_name}; it cannot resume this run")
     if not isinstance(payload.get("trainer"), dict) or "model" not in payload or "optimizer" not in payload:
         raise ConfigError(f"{path}: holds no training state to resume from (a converted or exported checkpoint?)")
     return payload
+
+
+# Weights, gradients and two Adam moments in float32: 16 bytes a parameter, 16 GB at this size. Beyond it a knob
+# was surely mistyped (width=10000), and the allocation would take the machine down rather than fail.
+MAX_PARAMETERS = 1_000_000_000
+
+
+def check_buildable(entry: registry.ModelEntry, config: Mapping[str, Any], info: Mapping[str, Any]) -> int:
+    """Build the model on the meta device (shapes only, no memory): a builder's ConfigError about a combination of
+    knobs surfaces in milliseconds, and a model too large to allocate is refused; returns its parameter count
+    (-1 where the builder needs real tensors)."""
+    try:
+        with torch.device("meta"):
+            model = entry.build(dict(config), dict(info))
+    except NotImplementedError:
+        # a builder that reads values off a tensor (e.g. class weights from the data's pixel shares) cannot run on
+        # shapes alone: the real build checks the knobs, the size stays unchecked
+        return -1
+    count = _count_params(model)
+    if count > MAX_PARAMETERS:
+        sizes = ", ".join(f"{key}={config[key]}" for key in sorted(config)
+                          if key.endswith(("width", "hidden", "channels", "size", "grid", "depth"))
+                          and key not in ("batch_size", "train_size", "val_size", "image_size"))
+        raise ConfigError(f"{entry.name}: these knobs make a model of {count:,} parameters, more than "
+                          f"{MAX_PARAMETERS:,} can train here ({sizes})")
+    return count
 
 
 def _as_path_text(path) -> str | None:
@@ -201,18 +227,27 @@ def load(checkpoint: str | Path, device: str = "cpu",
     ``fuse=True`` returns an inference-only copy with batch norms folded into the convolutions and channels-last
     maps (:func:`detseg.models.inference.fuse_for_inference`): the same outputs up to float rounding, faster.
     """
-    payload = load_checkpoint(checkpoint, map_location=device)
+    payload = checked_payload(checkpoint, load_checkpoint(checkpoint, map_location=device))
     entry = registry.get(payload["model_name"])
     if overrides is not None and not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
     if overrides:
         payload = {**payload, "config": resolve(entry.all_options(), overrides, payload["config"])}
+    try:
+        check_buildable(entry, payload["config"], payload["info"])
+    except ConfigError as error:     # a knob combination the builder refuses: say which file holds it
+        raise ConfigError(f"{checkpoint}: {error}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as error:
+        # the info a checkpoint carries (class names, input shape, ...) is whatever its file holds
+        raise ConfigError(f"{checkpoint}: its config and info do not build a {payload['model_name']} "
+                          f"({type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''})") from None
     model = entry.build(payload["config"], payload["info"])
     try:
         model.load_state_dict(payload["model"])
-    except RuntimeError as error:
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
         if not overrides:
-            raise
+            raise ConfigError(f"{checkpoint}: its weights do not fit the {payload['model_name']} its config "
+                              f"describes ({str(error).splitlines()[0][:120]})") from None
         raise ConfigError(f"{checkpoint}: {', '.join(f'{k}={v}' for k, v in overrides.items())} changes the "
                           f"model's weights; only test-time knobs can be changed here") from error
     model = model.to(device).eval()

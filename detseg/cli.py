@@ -12,7 +12,7 @@ import traceback
 
 import click
 
-from .errors import DetsegError
+from .errors import DetsegError, one_line
 
 _DEBUG = {"on": False}
 
@@ -24,7 +24,7 @@ class _OneLineUsageError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        click.echo(f"error: {one_line(self.format_message())}", err=True)
 
 
 def _one_line(error: click.UsageError) -> _OneLineUsageError:
@@ -49,7 +49,7 @@ class _Group(click.Group):
         except DetsegError as err:
             if _DEBUG["on"]:
                 traceback.print_exc()
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {one_line(str(err))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -93,11 +93,12 @@ TRAIN_OPTIONS: dict[str, Option] = {
     "grad_clip": Option(0.0, "clip the gradient norm to this value (0 = off)", min=0),
     "eval_every": Option(1, "evaluate on the validation set every this many epochs", min=1),
     "checkpoint_seconds": Option(60.0, "also save last.pt mid-epoch at most this often (0 = epoch ends only)", min=0),
-    "num_workers": Option(0, "data-loader worker processes", min=0),
-    "seed": Option(0, "seed for initialisation, shuffling, dropout and augmentation"),
-    "data_seed": Option(0, "seed of the generated data set (scenes, vector tasks)"),
+    "num_workers": Option(0, "data-loader worker processes", min=0, max=256),
+    "seed": Option(0, "seed for initialisation, shuffling, dropout and augmentation", min=0, max=2**32 - 1),
+    "data_seed": Option(0, "seed of the generated data set (scenes, vector tasks)", min=0, max=2**32 - 1),
     "device": Option("cpu", "cpu, cuda or auto", choices=("cpu", "cuda", "auto")),
-    "threads": Option(0, "CPU threads of this process (0 = the machine's cores shared among its processes)", min=0),
+    "threads": Option(0, "CPU threads of this process (0 = the machine's cores shared among its processes)",
+                      min=0, max=1024),
 }
 
 

@@ -6,6 +6,8 @@ propagate. Programming errors stay ordinary exceptions with tracebacks.
 """
 from __future__ import annotations
 
+import unicodedata
+
 
 class DetsegError(Exception):
     """An error caused by the user's input; ``str(err)`` is one line fit to print."""
@@ -37,7 +39,7 @@ class DataError(DetsegError):
             if len(shown) > 80:
                 shown = shown[:77] + "..."
             text += f" (got {shown})"
-        super().__init__(text)
+        super().__init__(one_line(text))   # file names and category names in the text are the user's too
         self.file, self.ann_id, self.image_id, self.field, self.value = file, ann_id, image_id, field, value
 
 
@@ -49,6 +51,12 @@ class WriteError(DetsegError):
         reason = error.strerror or str(error) or type(error).__name__
         super().__init__(f"{path}: cannot write ({reason}); any previous version of the file is intact")
         self.path, self.errno = path, error.errno
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\r``, ``\\x00``): a message that quotes
+    a user's value stays one line on a terminal, whatever the value held."""
+    return "".join(repr(char)[1:-1] if unicodedata.category(char).startswith("C") else char for char in text)
 
 
 def _last_line_of_traceback(text: str) -> str:

@@ -47,11 +47,10 @@ from typing import Iterable
 
 import cv2
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from . import registry
-from .data.images import load_rgb
+from .data.images import first_file, load_rgb, read_image_size
 from .engine.checkpoint import load_checkpoint
 from .errors import ConfigError, DataError
 from .io import write_json
@@ -87,13 +86,13 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Media]:
     media = []
     for raw in paths:
         path = Path(raw)
-        if path.is_file():
+        if first_file([path]) is not None:
             is_video = _kind(path) == "video"
             if not is_video:
-                check_image_header(path)        # before any model work: a named non-image fails in milliseconds
+                read_image_size(path)           # before any model work: a named non-image fails in milliseconds
             media.append(Media(path, is_video, named=True))
             continue
-        if path.is_dir():
+        if _is_dir(path):
             found, what = sorted(child for child in path.iterdir() if child.is_file()), "directory holds"
         elif any(char in str(raw) for char in "*?["):
             found, what = sorted(Path(match) for match in glob.glob(str(raw), recursive=True)), "glob matches"
@@ -107,17 +106,15 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Media]:
     return media
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:         # a name the OS refuses to look up (longer than 255 bytes, say): not found below
+        return False
+
+
 def _reason(error: Exception) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-def check_image_header(path: Path) -> None:
-    """A named file must at least look like an image: PIL reads its header (a few bytes)."""
-    try:
-        with Image.open(path):
-            pass
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DataError(path, f"cannot read image: {_reason(error)}") from None
 
 
 def open_video(path: Path) -> cv2.VideoCapture:
@@ -151,7 +148,7 @@ def test_time_overrides(checkpoint: str | Path, conf: float | None, max_det: int
         raise ConfigError(f"--conf {conf}: must be between 0 and 1")
     if max_det is not None and max_det < 1:
         raise ConfigError(f"--max-det {max_det}: must be at least 1")
-    model_name = load_checkpoint(checkpoint)["model_name"]     # read once more only with these flags
+    model_name = str(load_checkpoint(checkpoint).get("model_name"))     # read once more only with these flags
     entry = registry.get(model_name)
     flags = " / ".join(KNOB_FLAGS[key] for key in given)
     if not getattr(entry.task, "detects_boxes", False):
@@ -218,6 +215,11 @@ def category_ids(info: dict, coco_categories: dict[str, int] | None, coco_path=N
         raise ConfigError(f"--coco {coco_path}: no category named {', '.join(missing)} (the model's classes are "
                           f"{', '.join(names[1:])})")
     return [0] + [coco_categories[name] for name in names[1:]]
+
+
+# Beyond these a number was mistyped: each worker is a process with its own queues, each image of a batch a tensor
+# held at once - a million of either takes the machine down rather than fail.
+MAX_WORKERS, MAX_BATCH = 256, 4096
 
 
 # ---- decoding, in DataLoader workers -------------------------------------------------------------------------------
@@ -427,10 +429,10 @@ def predict_paths(model: torch.nn.Module, payload: dict, paths: Iterable[str | P
                   progress: bool = False) -> PredictRun:
     """Predict with a loaded checkpoint (:func:`detseg.api.load`) on files, directories, globs and videos; with
     ``out``, write the files of the module doc. Prints skipped files (and their count at the end) on stderr."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    if workers < 0:
-        raise ConfigError(f"--workers {workers}: must be 0 (decode in this process) or more")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ConfigError(f"--batch-size {batch_size}: must be 1..{MAX_BATCH}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers {workers}: must be 0 (decode in this process) to {MAX_WORKERS}")
     media = expand_inputs([paths] if isinstance(paths, (str, Path)) else paths)
     if not media:
         raise ConfigError("predict: give at least one image or video file, directory or glob")

@@ -7,12 +7,14 @@ run can start from its weights (``detseg train MODEL --init CHECKPOINT``: :func:
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ..config import resolve
 from ..errors import ConfigError
 from ..io import atomic_write_bytes
 
@@ -45,6 +47,71 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConfigError(f"{path}: not a detseg checkpoint (missing format '{FORMAT}')")
     return payload
+
+
+# ---- what a checkpoint holds, checked before a model is built from it -------------------------------------------
+
+
+def checked_payload(path, payload: dict) -> dict:
+    """A checkpoint's fields checked before a model is built from them: a known model name, a config whose every
+    known knob is valid (knobs added since it was written take their defaults; ones since removed are ignored), an
+    info mapping and a state dict; anything else is a ConfigError naming the file and the field."""
+    name = payload.get("model_name")
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: field 'model_name' is missing or not a name (got {name!r:.60})")
+    from .. import registry      # the registry imports every model; checkpoints are read by some of them
+
+    try:
+        entry = registry.get(name)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    for field in ("config", "info", "model"):
+        if not isinstance(payload.get(field), Mapping):
+            raise ConfigError(f"{path}: field '{field}' is missing or not a mapping")
+    check_info(path, payload["info"])
+    options = entry.all_options()
+    try:
+        config = resolve(options, base={key: value for key, value in payload["config"].items() if key in options})
+    except ConfigError as error:
+        raise ConfigError(f"{path}: field 'config': {error}") from None
+    return {**payload, "config": config}
+
+
+def check_info(path, info: Mapping[str, Any]) -> None:
+    """The data description every model is built from: class count and names, input size and shape, the joints'
+    class and count, normalisation statistics - present ones of the right type and range."""
+    def fail(field: str, value, expected: str):
+        raise ConfigError(f"{path}: field 'info.{field}': expected {expected} (got {value!r:.60})")
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1_000_000
+
+    if "num_classes" in info and not positive_int(info["num_classes"]):
+        fail("num_classes", info["num_classes"], "a positive integer")
+    joints = info.get("num_keypoints", 0)
+    if joints != 0 and not positive_int(joints):     # 0: a model without a keypoint head
+        fail("num_keypoints", joints, "a count of joints")
+    person = info.get("keypoint_class")
+    if person is not None and not (isinstance(person, int) and not isinstance(person, bool)    # 0: no joints
+                                   and 0 <= person < info.get("num_classes", 1_000_001)):
+        fail("keypoint_class", info["keypoint_class"], "a class index")
+    names = info.get("class_names", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names) or (
+            "num_classes" in info and len(names) not in (0, info["num_classes"])):
+        fail("class_names", names, "a list of num_classes names")
+    size = info.get("image_size", 1)
+    if not (positive_int(size) or (isinstance(size, (list, tuple)) and len(size) == 2
+                                   and all(positive_int(side) for side in size))):
+        fail("image_size", size, "a positive side or [width, height]")
+    shape = info.get("input_shape", [1])
+    if not isinstance(shape, (list, tuple)) or not shape or not all(positive_int(side) for side in shape):
+        fail("input_shape", shape, "a list of positive sizes")
+    statistics = info.get("normalization", {"mean": [0.0], "std": [1.0]})
+    if not isinstance(statistics, Mapping) or not all(
+            isinstance(statistics.get(key), (list, tuple)) and statistics[key]
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in statistics[key]) for key in ("mean", "std")
+    ) or min(statistics["std"]) <= 0:
+        fail("normalization", statistics, "finite mean and positive std lists")
 
 
 # ---- fine-tuning: start a run from another run's weights -------------------------------------------------------

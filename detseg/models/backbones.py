@@ -189,10 +189,10 @@ class FeatureVector(nn.Module):
 # Knobs of :class:`FeatureVector`, shared by the models built on it.
 FEATURE_OPTIONS = {
     "backbone": Option("tiny", "feature extractor: tiny|resnet18|resnet50 (random init)", choices=BACKBONES),
-    "width": Option(16, "tiny backbone: channels of the first stage", min=4),
+    "width": Option(16, "tiny backbone: channels of the first stage", min=4, max=1024),
     "depth": Option(4, "tiny backbone: number of stride-2 stages", min=1, max=6),
     "stem_stride": Option(2, "tiny backbone: stride of the first convolution (2 = start at half resolution)",
                           choices=(1, 2)),
-    "grid": Option(4, "features are average-pooled to grid x grid before the fully-connected layer", min=1),
-    "hidden": Option(256, "size of the fully-connected feature vector", min=8),
+    "grid": Option(4, "features are average-pooled to grid x grid before the fully-connected layer", min=1, max=32),
+    "hidden": Option(256, "size of the fully-connected feature vector", min=8, max=8192),
 }

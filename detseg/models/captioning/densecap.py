@@ -35,8 +35,8 @@ CAPTION_OPTIONS = {
     "min_count": Option(1, "vocabulary: words seen fewer times in the training captions become <unk>", min=1),
     "max_caption_length": Option(16, "vocabulary: words per caption at most (longer training captions are cut)",
                                  min=1, max=64),
-    "embed_size": Option(128, "captioner: size of word embeddings (and of the projected region code)", min=4),
-    "lstm_hidden": Option(256, "captioner: LSTM state size", min=4),
+    "embed_size": Option(128, "captioner: size of word embeddings (and of the projected region code)", min=4, max=4096),
+    "lstm_hidden": Option(256, "captioner: LSTM state size", min=4, max=4096),
     "condition": Option("first", "captioner: where the region code enters - first (DenseCap: the first input "
                                  "only) | every (also beside every word's input)", choices=("first", "every")),
     "colour_skip": Option("none", "tiny backbone: append to its last map, average-pooled to its cells, the image "

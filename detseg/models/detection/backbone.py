@@ -15,7 +15,7 @@ from ..backbones import BACKBONES, TinyConvNet, torchvision_backbone
 BACKBONE_OPTIONS = {
     "backbone": Option("tiny", "shared features: tiny|resnet18|resnet50 (random init)", choices=BACKBONES),
     "fpn": Option(False, "resnet backbones: add a feature pyramid (RoIs pooled from the level that fits their size)"),
-    "width": Option(32, "tiny backbone: channels of the first stage", min=4),
+    "width": Option(32, "tiny backbone: channels of the first stage", min=4, max=1024),
     "depth": Option(2, "tiny backbone: number of stride-2 stages after the stem (2 = stride 8 with stem_stride 2)", min=1, max=5),
     "stem_stride": Option(2, "tiny backbone: stride of the first convolution", choices=(1, 2)),
     "backbone_norm": Option("batch", "resnet backbones: batch (trained batch norm) | frozen (fixed per-channel "

@@ -24,10 +24,10 @@ POOLS = ("roi_pool", "roi_align")
 ROI_HEAD_OPTIONS = {
     "pool": Option("roi_align", "how a proposal is cut from the feature map: roi_pool (Fast R-CNN) | roi_align",
                    choices=POOLS),
-    "pool_size": Option(7, "RoI pooling output grid (pool_size x pool_size cells)", min=1),
+    "pool_size": Option(7, "RoI pooling output grid (pool_size x pool_size cells)", min=1, max=32),
     "roi_channels": Option(64, "1x1 convolution narrowing the shared features before RoI pooling (0 = keep all): "
-                               "per-region cost grows with channels x bins x regions", min=0),
-    "head_hidden": Option(256, "width of the two fully-connected layers of the RoI head", min=8),
+                               "per-region cost grows with channels x bins x regions", min=0, max=4096),
+    "head_hidden": Option(256, "width of the two fully-connected layers of the RoI head", min=8, max=8192),
     "rois_per_image": Option(64, "sampled RoIs per training image", min=1),
     "positive_fraction": Option(0.25, "share of positives among sampled RoIs at most", min=0, max=1),
     "box_loss_weight": Option(1.0, "weight of the RoI box loss in the multi-task sum", min=0),
@@ -66,10 +66,10 @@ def fully_connected_trunk(in_features: int, hidden: int) -> nn.Sequential:
 
 # ---- the warped-crop head of the sliding-window detector and R-CNN -------------------------------------------------
 WARPED_CROP_OPTIONS = {
-    "warp_size": Option(32, "side every region is warped to before the CNN (R-CNN: 227)", min=8),
+    "warp_size": Option(32, "side every region is warped to before the CNN (R-CNN: 227)", min=8, max=512),
     "context_padding": Option(2, "pixels of surrounding image kept around the region inside the warped crop "
-                                 "(R-CNN: 16 of 227; 0 = the tight box)", min=0),
-    "width": Option(16, "per-crop CNN: channels of the first stage", min=4),
+                                 "(R-CNN: 16 of 227; 0 = the tight box)", min=0, max=256),
+    "width": Option(16, "per-crop CNN: channels of the first stage", min=4, max=1024),
     "depth": Option(3, "per-crop CNN: number of stride-2 stages", min=1, max=5),
     "head_hidden": ROI_HEAD_OPTIONS["head_hidden"],
     "crop_chunk": Option(512, "crops run through the CNN at a time (bounds memory at thousands of regions)", min=1),

@@ -37,7 +37,8 @@ PS_POOLS = ("ps_roi_align", "ps_roi_pool")
 RFCN_HEAD_OPTIONS = {
     "k": Option(3, "position-sensitive grid: each RoI is split into k x k bins, each pooled from its own score maps "
                    "(3 suits 16x16 feature maps, where objects span 1-9 cells)", min=1, max=15),
-    "reduce_channels": Option(256, "channels of the 1x1 conv (+ReLU) before the score maps (0 = none)", min=0),
+    "reduce_channels": Option(256, "channels of the 1x1 conv (+ReLU) before the score maps (0 = none)",
+                              min=0, max=4096),
     "ps_pool": Option("ps_roi_align", "position-sensitive pooling: ps_roi_align (bilinear) | ps_roi_pool "
                                       "(average over cells, R-FCN's original)", choices=PS_POOLS),
     "class_specific_boxes": Option(False, "one set of k*k*4 box maps per class instead of one shared set"),

@@ -54,7 +54,7 @@ from .single_shot import SINGLE_SHOT_OPTIONS, SingleShotDetector, SingleShotPost
 FEATURE_OPTIONS = {
     **{key: option for key, option in BACKBONE_OPTIONS.items() if key != "fpn"},
     "extra_levels": Option(3, "stride-2 blocks after the backbone, one more feature map each", min=0, max=6),
-    "extra_channels": Option(0, "channels of the extra feature maps (0 = the backbone's)", min=0),
+    "extra_channels": Option(0, "channels of the extra feature maps (0 = the backbone's)", min=0, max=4096),
     "channels_last": Option(True, "run the convolutions on channels-last tensors (oneDNN's own layout: faster "
                                   "on CPUs, the same numbers up to rounding)"),
 }

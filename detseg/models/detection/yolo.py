@@ -105,7 +105,7 @@ YOLO_OPTIONS = {
     "lambda_noobj": Option(0.5, "weight of the confidence error of predictors that own no object", min=0),
     "noobj_ignore_iou": Option(1.0, "predictors whose box overlaps an object by more than this IoU are left out "
                                      "of the no-object term (YOLO v2 uses 0.6; 1 = never, v1)", min=0, max=1),
-    "head_channels": Option(128, "channels of the head's 3x3 convolution", min=1),
+    "head_channels": Option(128, "channels of the head's 3x3 convolution", min=1, max=4096),
 }
 # The score is confidence x class probability, and the confidence learns the IoU, not 1: YOLO's scores run lower
 # than a softmax's, and the single-shot default of 0.05 drops correct detections (AP 0.182 -> 0.197, AR100 0.39 ->

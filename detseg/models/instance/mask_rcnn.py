@@ -38,10 +38,11 @@ INSTANCE_OPTIONS = {
     "keypoints": Option(True, "a keypoint head for the category with joints (people), when the data has joints"),
     "mask_channels": Option("32,32", "mask head: channels of its 3 x 3 convolutions, one entry per layer "
                                      "(He et al.: 256,256,256,256)"),
-    "mask_pool_size": Option(14, "mask head: RoIAlign grid; the masks are twice this size", min=2),
+    "mask_pool_size": Option(14, "mask head: RoIAlign grid; the masks are twice this size", min=2, max=64),
     "keypoint_channels": Option("64,64,64,64", "keypoint head: channels of its 3 x 3 convolutions, one entry per "
                                                "layer (He et al.: eight of 512)"),
-    "keypoint_pool_size": Option(14, "keypoint head: RoIAlign grid; the heat maps are four times this size", min=2),
+    "keypoint_pool_size": Option(14, "keypoint head: RoIAlign grid; the heat maps are four times this size",
+                                 min=2, max=64),
     "class_loss_weight": Option(1.0, "weight of the RoI classification loss", min=0),
     "mask_loss_weight": Option(1.0, "weight of the mask loss (per-pixel binary cross-entropy)", min=0),
     "keypoint_loss_weight": Option(1.0, "weight of the keypoint loss (cross-entropy over heat-map positions)",

@@ -36,7 +36,7 @@ from ..backbones import conv_bn_relu, stage_widths
 DOWN_KINDS = ("maxpool", "strided")
 
 OPTIONS: dict[str, Option] = {
-    "width": Option(8, "channels at full resolution; doubled per level, capped at 8x", min=4),
+    "width": Option(8, "channels at full resolution; doubled per level, capped at 8x", min=4, max=512),
     "depth": Option(4, "number of 2x downsamplings (and of upsamplings)", min=1, max=6),
     "down": Option("maxpool", "downsampling: maxpool|strided (strided = 3x3 convolution, stride 2)",
                    choices=DOWN_KINDS),

@@ -17,9 +17,9 @@ from .. import build_with_options, check_knobs, defaults_of
 from ..backbones import conv_bn_relu
 
 OPTIONS: dict[str, Option] = {
-    "width": Option(24, "channels of every convolution", min=4),
+    "width": Option(24, "channels of every convolution", min=4, max=512),
     "depth": Option(6, "number of same-resolution 3x3 conv-BN-ReLU layers (receptive field 2*depth+1 px)",
-                    min=1),
+                    min=1, max=64),
 }
 DEFAULTS = defaults_of(OPTIONS)
 

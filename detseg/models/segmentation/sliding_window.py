@@ -22,8 +22,8 @@ from ..backbones import TinyConvNet
 PADDINGS = ("reflect", "zeros")
 
 OPTIONS: dict[str, Option] = {
-    "crop": Option(32, "side of the square crop around each pixel (its context)", min=3),
-    "width": Option(8, "channels of the crop classifier's first stage", min=4),
+    "crop": Option(32, "side of the square crop around each pixel (its context)", min=3, max=512),
+    "width": Option(8, "channels of the crop classifier's first stage", min=4, max=512),
     "depth": Option(3, "stride-2 stages of the crop classifier", min=1, max=6),
     "padding": Option("reflect", "how crops at the image border are filled: reflect|zeros", choices=PADDINGS),
 }
