@@ -20,8 +20,9 @@ from PIL import Image
 
 from detseg import api, registry
 from detseg.cli import main
+from detseg.config import resolve
 from detseg.engine.checkpoint import load_checkpoint
-from detseg.errors import one_line
+from detseg.errors import ConfigError, one_line
 
 from .fuzz_support import fuzz_settings
 
@@ -91,6 +92,37 @@ def test_every_knob_of_every_model(data, tmp_path_factory):
         # (the command line splits each pair at its first "=" and strips blanks, as the message then shows it)
         shown_keys = [f"{key}={value}".partition("=")[0].strip() for key, value in pairs.items()]
         assert_one_clear_line(result, *shown_keys, *(f"{key}={value}" for key, value in pairs.items()), *(value for value in pairs.values() if len(value) > 1), model)
+
+
+def _wrong_values(option) -> list[str]:
+    """Values ``option`` must refuse, or at least survive: another type, NaN, overflow, each side of its range."""
+    values = ["not a value\x01", "nan", "inf", "1e309", ""]
+    if option.min is not None:
+        values.append(str(option.min - 1 if option.type is int else option.min - 0.5))
+    if option.max is not None:
+        values.append(str(option.max + 1 if option.type is int else option.max * 2 + 1))
+    return values
+
+
+def test_every_option_of_every_model_refuses_wrong_type_range_and_nan():
+    """Not sampled but swept: every option of every model with every value of :func:`_wrong_values` is refused
+    with one line naming it, or - for a value the option's type allows, a string knob's text - the model still
+    builds (on the meta device) or its builder refuses the value by name."""
+    cases = 0
+    for model in MODELS:
+        entry = registry.get(model)
+        options = entry.all_options()
+        for key, option in sorted(options.items()):
+            for value in _wrong_values(option):
+                cases += 1
+                try:
+                    config = resolve(options, {key: value})
+                    api.check_buildable(entry, config, entry.make_task(config).placeholder_info(None))
+                except ConfigError as error:
+                    assert "\n" not in str(error) and key in str(error), (model, key, value, str(error))
+                else:
+                    assert option.type is str and option.choices is None, (model, key, value)
+    assert cases > 4000
 
 
 @fuzz_settings(max_examples=60)

@@ -76,6 +76,9 @@ def test_aspect_shape_follows_torchvision_and_is_idempotent():
     for height, width in ((33, 50), (40, 60), (50, 25), (375, 500)):
         shape = aspect_shape(height, width, 40, 50)
         assert aspect_shape(*shape, 40, 50) == shape
+    # without max_size, a strip's long side stops at 16 x min_size instead of growing with its aspect ratio
+    assert aspect_shape(1, 20_000, 800, 0) == (1, 12_800)
+    assert aspect_shape(100, 1_000, 800, 0) == (800, 8_000)
 
 
 def test_aspect_preserving_batches_are_padded_and_boxes_map_back_exactly():

@@ -34,10 +34,10 @@ from ..viz import save_report
 
 WALL_CLOCK_KEYS = {"train_seconds", "train_images_per_second", "infer_ms_per_image"}
 # (model, knobs): a detector, whose training draws from the RNG (anchor sampling) and whose evaluation is COCO AP;
-# mid-epoch checkpoints every second so that kills land between them too.
+# mid-epoch checkpoints every half second so that kills land between them too.
 SETTINGS = {
-    False: {"kills": 20, "args": ["det/faster_rcnn", "train_size=48", "val_size=16", "batch_size=8",
-                                  "checkpoint_seconds=1", "--epochs", "3", "--seed", "3", "threads=2"]},
+    False: {"kills": 20, "args": ["det/faster_rcnn", "train_size=96", "val_size=16", "batch_size=8",
+                                  "checkpoint_seconds=0.5", "--epochs", "3", "--seed", "3", "threads=2"]},
     True: {"kills": 5, "args": ["cls/mlp", "--data", "gaussians", "train_size=3000", "val_size=300", "width=64",
                                 "batch_size=8", "checkpoint_seconds=0.2", "--epochs", "2", "--seed", "5",
                                 "threads=2"]},

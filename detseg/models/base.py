@@ -69,21 +69,28 @@ def resize_square(image: torch.Tensor, size: int | tuple[int, int]) -> torch.Ten
     return scaled[0].round().clamp(0, 255)
 
 
+MAX_ASPECT = 16   # the longest side an aspect-preserving resize gives without max_size, in multiples of min_size
+
+
 def aspect_shape(height: int, width: int, min_size: int, max_size: int = 0) -> tuple[int, int]:
     """The ``(height, width)`` an image is resized to under torchvision's convention: the short side becomes
-    ``min_size`` unless the long side would then pass ``max_size`` (0 = no limit), in which case the long side
-    becomes ``max_size``; the aspect ratio is kept. Idempotent: an image already at its shape keeps it."""
+    ``min_size`` unless the long side would then pass ``max_size``, in which case the long side becomes
+    ``max_size``; the aspect ratio is kept. Idempotent: an image already at its shape keeps it.
+    ``max_size=0`` limits the long side to ``16 * min_size``: a 20,000 x 1 px strip at ``min_size=800`` would
+    otherwise become a 16-million-pixel-long input and exhaust memory."""
+    max_size = max_size or MAX_ASPECT * min_size
     scale = min_size / min(height, width)
-    if max_size and max(height, width) * scale > max_size:
+    if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def torchvision_scale(height: int, width: int, min_size: int, max_size: int = 0) -> float:
     """torchvision's resize factor: ``min(min_size / short side, max_size / long side)``, in double precision as
-    its ``GeneralizedRCNNTransform`` computes it (0 = no limit on the long side)."""
-    scale = min_size / min(height, width)
-    return min(scale, max_size / max(height, width)) if max_size else scale
+    its ``GeneralizedRCNNTransform`` computes it (torchvision always sets ``max_size``; 0 here = 16 x min_size, as
+    in :func:`aspect_shape`)."""
+    max_size = max_size or MAX_ASPECT * min_size
+    return min(min_size / min(height, width), max_size / max(height, width))
 
 
 def torchvision_shape(height: int, width: int, min_size: int, max_size: int = 0) -> tuple[int, int]:

@@ -47,7 +47,7 @@ DETECTION_OPTIONS = {
                               "ignored for files when min_size > 0", min=16, max=2048),
     "min_size": Option(0, "0: square image_size inputs; > 0: keep each image's aspect ratio, short side resized to "
                           "min_size (torchvision's convention; e.g. 800 for COCO photos)", min=0, max=4096),
-    "max_size": Option(0, "with min_size > 0: the long side at most this (e.g. 1333); 0 = no limit", min=0,
+    "max_size": Option(0, "with min_size > 0: the long side at most this (e.g. 1333); 0 = 16 x min_size", min=0,
                        max=8192),
     "resize": Option("detseg", "with min_size > 0, how a model resizes: detseg (antialiased bilinear, rounded like "
                                "a stored uint8 copy) | torchvision (normalise, then plain bilinear at torchvision's "
