@@ -188,6 +188,11 @@ def write_json_text(coco_dir, text: str | bytes):
     return path
 
 
+def document_trains_or_fails_clearly(coco_dir, document: dict, *also_named) -> None:
+    path = write_json_text(coco_dir, json.dumps(document))
+    trains_or_fails_clearly(INSTANCE_TASK, path, path, *also_named)
+
+
 @pytest.mark.timeout(120)
 @fuzz_settings(max_examples=400)
 @given(st.lists(MUTATIONS, min_size=1, max_size=3))
@@ -195,8 +200,8 @@ def test_coco_with_broken_fields_trains_or_fails_clearly(coco_dir, mutations):
     document = valid_coco()
     for mutation in mutations:
         document = mutated(document, *mutation)
-    path = write_json_text(coco_dir, json.dumps(document))
-    trains_or_fails_clearly(INSTANCE_TASK, path, path, *(coco_dir / name for name in IMAGE_SIZES))
+    # a broken file_name is named as the image file it points to
+    document_trains_or_fails_clearly(coco_dir, document, *(coco_dir / name for name in IMAGE_SIZES))
 
 
 def value_at(document, path: tuple):
@@ -239,8 +244,7 @@ def test_coco_with_odd_but_plausible_values_trains_or_fails_clearly(coco_dir, ed
     document = valid_coco()
     for edit in edits:
         document = edited(document, *edit)
-    path = write_json_text(coco_dir, json.dumps(document))
-    trains_or_fails_clearly(INSTANCE_TASK, path, path)
+    document_trains_or_fails_clearly(coco_dir, document)
 
 
 def _with_long_width(digits: int) -> str:
