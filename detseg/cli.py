@@ -258,8 +258,12 @@ def bench_command(study, out, quick, only) -> None:
 @click.option("--dataset-pool", default=20, show_default=True, type=click.IntRange(1, 100000),
               help="How many different data sets trials draw from.")
 @click.option("--admin-token", default=None, envvar="DETSEG_HYPERQUEST_ADMIN_TOKEN",
-              help="Token for /admin/export (default: random, printed at start).")
-def hyperquest_command(host, port, db_url, data_dir, workers, epoch_limit, dataset_pool, admin_token) -> None:
+              help="Token for /admin/export, sent as 'Authorization: Bearer TOKEN' (default: the one in "
+                   "DATA_DIR/admin.token, made on first start; never printed).")
+@click.option("--roster", default=None, type=click.Path(dir_okay=False),
+              help="CSV of player id, name (header row allowed): only these players may log in.")
+def hyperquest_command(host, port, db_url, data_dir, workers, epoch_limit, dataset_pool, admin_token,
+                       roster) -> None:
     """Run HyperQuest, the hyperparameter game, as a web server (needs the extra: pip install 'detseg[hyperquest]')."""
     from .hyperquest import Settings, require_web_extra
 
@@ -267,7 +271,7 @@ def hyperquest_command(host, port, db_url, data_dir, workers, epoch_limit, datas
     from .hyperquest.app import serve
 
     settings = Settings.create(db_url, data_dir, workers=workers, epoch_limit=epoch_limit,
-                               dataset_pool=dataset_pool, admin_token=admin_token or "")
+                               dataset_pool=dataset_pool, admin_token=admin_token or "", roster=roster)
     serve(settings, host=host, port=port)
 
 

@@ -123,8 +123,8 @@ def test_a_whole_trial_train_grow_revert_stop_leaderboard_export(client, setting
         "answer the survey before your first trial", "cannot train: this trial is finished; start a new one"]
     assert export["players"][0]["survey"]["experience"] == "intermediate"
     assert len(export["checkpoints"]) == 5 and len(export["baselines"]) == 7
-    table = client.get("/admin/export", params={"format": "csv", "table": "checkpoints",
-                                                 "token": settings.admin_token})
+    table = client.get("/admin/export", params={"format": "csv", "table": "checkpoints"},
+                       headers={"Authorization": f"Bearer {settings.admin_token}"})
     rows = list(csv.DictReader(io.StringIO(table.text)))
     assert len(rows) == 5 and json.loads(rows[0]["hparams"])["lr"] == 0.05
 
@@ -195,9 +195,10 @@ def test_another_players_trial_is_404_on_every_endpoint(client):
 def test_admin_export_needs_the_token(client, settings):
     login(client)
     assert client.get("/admin/export").status_code == 403
-    assert client.get("/admin/export", params={"token": "wrong"}).status_code == 403
-    assert client.get("/admin/export", params={"token": settings.admin_token, "format": "csv"}).status_code == 422
-    answer = client.get("/admin/export", params={"token": settings.admin_token, "table": "players"})
+    admin = {"Authorization": f"Bearer {settings.admin_token}"}
+    assert client.get("/admin/export", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert client.get("/admin/export", params={"format": "csv"}, headers=admin).status_code == 422
+    answer = client.get("/admin/export", params={"table": "players"}, headers=admin)
     assert answer.status_code == 200 and answer.json()["players"][0]["handle"] == "ann"
 
 

@@ -201,7 +201,7 @@ def many_players(work_dir: Path, seconds: float, pool: int) -> dict:
         for player in players:
             player.join(seconds + 600)       # the last epochs of 20 players may queue for a while
         wall = time.monotonic() - start
-        export = httpx.get(f"{url}/admin/export", params={"token": token}, timeout=120).json()
+        export = httpx.get(f"{url}/admin/export", headers={"Authorization": f"Bearer {token}"}, timeout=120).json()
     finally:
         # The whole process group: the server's epoch workers are its children, and one still writing a
         # checkpoint into the scratch directory would outlive a plain terminate() (and break its clean-up).

@@ -3,7 +3,7 @@
 Routes (JSON unless said otherwise)::
 
     GET  /                          the game (one page: static/index.html)
-    POST /api/login                 {player_id, name} -> sets the session cookie
+    POST /api/login                 {player_id, name} -> sets the session cookie (roster, rate limit: see below)
     POST /api/logout
     GET  /api/me                    the logged-in player
     POST /api/survey                deep-learning experience (once, before the first trial)
@@ -14,7 +14,7 @@ Routes (JSON unless said otherwise)::
     POST /api/trials/{id}/actions   {"action": "train" | "grow" | "revert" | "stop", ...}
     GET  /api/leaderboard[?dataset_id=]
     GET  /api/status                the work queue
-    GET  /admin/export?format=json|csv&table=...   (admin token: Authorization: Bearer T, or ?token=T)
+    GET  /admin/export?format=json|csv&table=...   (admin token: Authorization: Bearer T - never in the URL)
     GET  /vendor/plotly.min.js      plotly.js from the installed plotly package (no CDN)
 
 Every answer is declared in the OpenAPI schema (``/openapi.json``, browsable at ``/api/docs``): the body models of
@@ -23,6 +23,9 @@ the schema is a contract clients and tests/test_hyperquest_schema.py can hold th
 
 The cookie only carries the player's database id, signed with the server's secret (itsdangerous, through
 Starlette's session middleware), so it cannot be forged; every trial route checks that the trial is the player's.
+It is ``HttpOnly; SameSite=Lax``, and ``Secure`` on answers to https requests. A login may be restricted to the
+(player ID, name) pairs of a roster (:mod:`.access`), and failed logins are rate-limited per player ID and per client
+address (:mod:`.limits`), answering 429 with ``Retry-After``.
 Request handlers are plain functions: FastAPI runs them in its thread pool, so a slow database never blocks the
 event loop, and training never happens in the server at all (see :mod:`.worker`).
 """
@@ -36,14 +39,16 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Path as PathParameter, Query, Request, Security
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from fastapi.security import APIKeyCookie, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.middleware.sessions import SessionMiddleware
 
 from . import responses, schemas
 from .db import TABLES
-from .game import Game, GameError
+from .access import SecureCookiesOverHttps, on_roster
+from .game import Forbidden, Game, GameError
+from .limits import LoginGuard
 from .settings import Settings, limits
 from .views import to_csv
 
@@ -52,13 +57,11 @@ SESSION_DAYS = 14
 SESSION_COOKIE = "hyperquest_session"
 
 # The credentials, as the schema declares them. The session scheme only documents the cookie: Starlette's session
-# middleware has checked its signature before a route runs. The admin token is accepted either way (a header for
-# scripts, ?token= for a link the server prints at start) and compared in the route.
+# middleware has checked its signature before a route runs. The admin token is taken from the Authorization header
+# only: a query string lands in access logs, proxy logs and browser history.
 SESSION_SCHEME = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, scheme_name="session",
                               description="the signed session cookie that POST /api/login sets")
 ADMIN_BEARER = HTTPBearer(auto_error=False, scheme_name="admin_bearer", description="the server's admin token")
-ADMIN_QUERY = APIKeyQuery(name="token", auto_error=False, scheme_name="admin_query",
-                          description="the server's admin token, as a query parameter")
 
 TrialId = Annotated[int, PathParameter(ge=1, le=schemas.MAX_ROW_ID)]
 
@@ -66,19 +69,26 @@ TrialId = Annotated[int, PathParameter(ge=1, le=schemas.MAX_ROW_ID)]
 REFUSALS = {
     400: "the body cannot be parsed at all (it is not UTF-8 text)",
     401: "not logged in, or the session no longer names a player: log in (again)",
-    403: "this player ID belongs to someone with another name",
+    403: "this player ID belongs to someone with another name, or the pair is not on the server's roster",
     404: "no such trial of yours, or an unknown player",
     409: "not possible in the trial's current state (the reason says why)",
     415: "a POST to /api/ whose body is not JSON",
     422: "invalid input: the fields that failed validation, or why the request is impossible for this trial",
+    429: "too many failed logins for this player ID or from this address: wait the Retry-After seconds",
 }
+# Headers a refusal always carries.
+REFUSAL_HEADERS = {429: {"Retry-After": {"description": "seconds to wait before trying again", "required": True,
+                                         "schema": {"type": "integer", "minimum": 1}}}}
 
 
 def refusals(*statuses: int, reasons: dict[int, str] | None = None) -> dict:
     """``responses=`` of a route: its error answers, their bodies' models, and what they mean for this route."""
     reasons = {**REFUSALS, **(reasons or {})}
-    return {status: {"model": responses.InvalidRequest if status == 422 else responses.Message,
-                     "description": reasons[status]} for status in statuses}
+    answers = {status: {"model": responses.InvalidRequest if status == 422 else responses.Message,
+                        "description": reasons[status]} for status in statuses}
+    for status in set(statuses) & set(REFUSAL_HEADERS):
+        answers[status]["headers"] = REFUSAL_HEADERS[status]
+    return answers
 
 
 def plotly_js() -> Path:
@@ -105,6 +115,9 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
     app.add_middleware(GZipMiddleware, minimum_size=2048)
     app.add_middleware(SessionMiddleware, secret_key=settings.secret_key, session_cookie=SESSION_COOKIE,
                        max_age=SESSION_DAYS * 86400, same_site="lax")
+    app.add_middleware(SecureCookiesOverHttps)          # around the session middleware, so it sees its cookie
+    guard = LoginGuard(settings.login_failures_per_player, settings.login_failures_per_address,
+                       settings.login_window_s)
 
     @app.middleware("http")
     async def json_only(request: Request, call_next):
@@ -139,9 +152,20 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
                             headers={"Cache-Control": "public, max-age=86400"})
 
     # ---- players ------------------------------------------------------------------------------------------------
-    @app.post("/api/login", response_model=responses.PlayerView, responses=refusals(400, 403, 415, 422))
+    @app.post("/api/login", response_model=responses.PlayerView, responses=refusals(400, 403, 415, 422, 429))
     def login(request: Request, body: schemas.Login):
-        player = game.login(body.player_id, body.name)
+        address = request.client.host if request.client else "unknown"
+        wait = guard.retry_after(body.player_id, address)
+        if wait:
+            return JSONResponse({"detail": f"too many failed logins; try again in {wait} s"}, status_code=429,
+                                headers={"Retry-After": str(wait)})
+        try:
+            if not on_roster(settings.roster_players, body.player_id, body.name):
+                raise Forbidden("this player ID and name are not on the server's roster")
+            player = game.login(body.player_id, body.name)
+        except Forbidden:
+            guard.failed(body.player_id, address)
+            raise
         request.session.clear()
         request.session["player"] = player["id"]
         return player
@@ -196,16 +220,19 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
     csv_answer = {"content": {"text/csv": {"schema": {"type": "string"}}},
                   "description": "the research record: all tables as JSON, or one table as CSV"}
 
-    export_refusals = refusals(403, 422, reasons={403: "no admin token, or a wrong one",
+    export_refusals = refusals(403, 422, reasons={403: "no admin token, a wrong one, or one in the URL",
                                                   422: "an unknown format or table, or format=csv without a table"})
 
     @app.get("/admin/export", response_model=responses.ExportTables, responses={200: csv_answer, **export_refusals})
-    def export(format: Literal["json", "csv"] = "json", table: Literal[tuple(TABLES)] | None = Query(None),
-               token: str | None = Security(ADMIN_QUERY),
+    def export(request: Request, format: Literal["json", "csv"] = "json",
+               table: Literal[tuple(TABLES)] | None = Query(None),
                bearer: HTTPAuthorizationCredentials | None = Security(ADMIN_BEARER)):
-        given = token or (bearer.credentials if bearer else "")
+        if "token" in request.query_params:        # the old way: say why, so that a script's author can move it
+            return JSONResponse({"detail": "send the admin token as 'Authorization: Bearer TOKEN', not in the URL"},
+                                status_code=403)
+        given = bearer.credentials if bearer else ""
         if not given or not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
-            return JSONResponse({"detail": "admin token required"}, status_code=403)
+            return JSONResponse({"detail": "admin token required (Authorization: Bearer TOKEN)"}, status_code=403)
         if format == "json":
             tables = [table] if table else list(TABLES)
             return {name: game.export(name) for name in tables}
@@ -232,5 +259,11 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
     database = make_url(settings.db_url).render_as_string(hide_password=True)
     print(f"HyperQuest on http://{host}:{port}/  (database {database}, data in {settings.data_dir})",
           flush=True)
-    print(f"research export: http://{host}:{port}/admin/export?token={settings.admin_token}", flush=True)
+    # Never the token itself: the console ends up in scrollback and service logs.
+    where = (f"the token is in {settings.admin_token_file}" if settings.admin_token_file
+             else "the token given by --admin-token / DETSEG_HYPERQUEST_ADMIN_TOKEN")
+    if settings.roster_players is not None:
+        print(f"only the {len(settings.roster_players)} players of {settings.roster} may log in", flush=True)
+    print(f"research export: http://{host}:{port}/admin/export with 'Authorization: Bearer TOKEN' ({where})",
+          flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")

@@ -11,7 +11,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import write_text
+from ..io import atomic_write_bytes
+from .access import read_roster
 
 # ---- caps on what a player may ask for -------------------------------------------------------------------------
 LR_MAX = 10.0                                  # learning rate: 0 < lr <= 10
@@ -52,12 +53,18 @@ ADMIN_TOKEN_ENV = "DETSEG_HYPERQUEST_ADMIN_TOKEN"
 
 @dataclass
 class Settings:
-    """How one HyperQuest server runs. ``data_dir`` holds checkpoints, cached data sets and the cookie secret."""
+    """How one HyperQuest server runs. ``data_dir`` holds checkpoints, cached data sets and the two secrets."""
 
     db_url: str
     data_dir: Path
     admin_token: str = ""
+    admin_token_file: Path | None = None       # where the token was read from, when none was given
     secret_key: str = ""
+    roster: Path | None = None                 # CSV of (player id, name): only these may log in
+    roster_players: dict[str, str] | None = field(default=None, repr=False)   # read from ``roster`` by create()
+    login_failures_per_player: int = 5         # failed logins per player ID per login_window_s, then 429
+    login_failures_per_address: int = 20       # ... and per client address
+    login_window_s: float = 60.0
     workers: int = 1                           # background processes that train epochs
     executor: str = "process"                  # "process" (the server) or "thread" (fast tests)
     epoch_limit: int = 20                      # a trial ends at this epoch; the baselines get the same budget
@@ -73,7 +80,9 @@ class Settings:
         """Settings from arguments, then the environment, then defaults; makes ``data_dir``, resolves secrets.
 
         The default database is ``DATA_DIR/hyperquest.db`` (SQLite); ``postgresql://`` URLs work as well.
-        ``DETSEG_HYPERQUEST_TINY=1`` shrinks the data sets to a few hundred examples.
+        ``DETSEG_HYPERQUEST_TINY=1`` shrinks the data sets to a few hundred examples. Without an admin token (argument
+        or ``DETSEG_HYPERQUEST_ADMIN_TOKEN``) the one in ``DATA_DIR/admin.token`` is used, made on first start.
+        A malformed ``roster`` file is a :class:`~detseg.errors.ConfigError` naming the file and line.
         """
         data_dir = Path(data_dir or "hyperquest").resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -82,22 +91,29 @@ class Settings:
             overrides.setdefault("train_range", (240, 320))
             overrides.setdefault("val_range", (80, 120))
         settings = cls(db_url=db_url, data_dir=data_dir, **overrides)
-        settings.admin_token = settings.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "") or \
-            secrets.token_urlsafe(24)
-        settings.secret_key = settings.secret_key or os.environ.get(SECRET_ENV, "") or _stored_secret(data_dir)
+        settings.admin_token = settings.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "")
+        if not settings.admin_token:
+            # A file, not the console: a token printed at start ends up in terminal scrollback and service logs.
+            settings.admin_token_file = data_dir / "admin.token"
+            settings.admin_token = _stored_secret(settings.admin_token_file, 24)
+        settings.secret_key = settings.secret_key or os.environ.get(SECRET_ENV, "") or \
+            _stored_secret(data_dir / "secret.key", 48)
+        if settings.roster is not None:
+            settings.roster = Path(settings.roster)
+            settings.roster_players = read_roster(settings.roster)
         return settings
 
 
-def _stored_secret(data_dir: Path) -> str:
-    """The cookie-signing secret kept in the data directory (readable by the owner only), made on first start.
+def _stored_secret(path: Path, nbytes: int) -> str:
+    """A secret kept in the data directory (readable by the owner only), made on first start and reused after.
 
-    Keeping it across restarts means a restart does not log every player out.
+    Keeping the cookie secret across restarts means a restart does not log every player out; keeping the admin
+    token means scripts that read it once keep working.
     """
-    path = data_dir / "secret.key"
     if path.is_file():
         text = path.read_text().strip()
         if len(text) >= 32:
             return text
-    secret = secrets.token_urlsafe(48)
-    write_text(path, secret, mode=0o600)
+    secret = secrets.token_urlsafe(nbytes)
+    atomic_write_bytes(path, secret.encode(), mode=0o600)
     return secret
