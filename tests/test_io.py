@@ -164,9 +164,9 @@ def test_every_writer_goes_through_the_one_atomic_write(tmp_path, monkeypatch):
 def test_hyperquest_secret_is_written_owner_only_and_kept(tmp_path):
     from detseg.hyperquest.settings import _stored_secret
 
-    first = _stored_secret(tmp_path / "hq")
     path = tmp_path / "hq" / "secret.key"
+    first = _stored_secret(path, 48)
     assert path.read_text() == first and len(first) >= 32
     assert path.stat().st_mode & 0o777 == 0o600
-    assert _stored_secret(tmp_path / "hq") == first                     # read back, not remade
+    assert _stored_secret(path, 48) == first                     # read back, not remade
     assert [p.name for p in path.parent.iterdir()] == ["secret.key"]
