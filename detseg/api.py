@@ -22,7 +22,7 @@ from .config import parse_overrides, resolve
 from .engine.checkpoint import checked_payload, load_checkpoint, load_matching
 from .engine.run import finish, fit
 from .engine.trainer import Trainer
-from .errors import ConfigError
+from .errors import ConfigError, error_reason
 from .io import check_writable, load_yaml, remove_stale_temporaries, save_yaml, write_json
 
 
@@ -139,7 +139,7 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
             trainer.load_state_dict(resumed_state)
         except (RuntimeError, KeyError, ValueError, TypeError) as error:
             raise ConfigError(f"{run_dir / 'last.pt'}: does not fit this run's model and config "
-                              f"({str(error).splitlines()[0][:120]}); resume with the run's own knobs") from None
+                              f"({error_reason(error, 120)}); resume with the run's own knobs") from None
         trainer.config.update({key: config[key] for key in ("epochs", "time_budget")})
         if verbose and rank == 0:
             print(f"resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}", flush=True)
@@ -164,11 +164,11 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
 def _read_resume_state(run_dir: Path, model_name: str, device: torch.device) -> dict:
     """RUN_DIR/last.pt, checked before any data is made: readable, of ``model_name``, holding a trainer state."""
     path = run_dir / "last.pt"
-    payload = checked_payload(path, load_checkpoint(path, map_location=device))
-    if payload.get("model_name") != model_name:
-        raise ConfigError(f"{path}: a checkpoint of {payload.get('model_name', 'an unknown model')}, "
-                          f"not of {model_name}; it cannot resume this run")
-    if not isinstance(payload.get("trainer"), dict) or "model" not in payload or "optimizer" not in payload:
+    payload = checked_payload(path, load_checkpoint(path, map_location=device))   # model_name, weights checked
+    if payload["model_name"] != model_name:
+        raise ConfigError(f"{path}: a checkpoint of {payload['model_name']}, not of {model_name}; it cannot resume "
+                          f"this run")
+    if not isinstance(payload.get("trainer"), dict) or "optimizer" not in payload:
         raise ConfigError(f"{path}: holds no training state to resume from (a converted or exported checkpoint?)")
     return payload
 
@@ -240,14 +240,14 @@ def load(checkpoint: str | Path, device: str = "cpu",
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as error:
         # the info a checkpoint carries (class names, input shape, ...) is whatever its file holds
         raise ConfigError(f"{checkpoint}: its config and info do not build a {payload['model_name']} "
-                          f"({type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''})") from None
+                          f"({type(error).__name__}: {error_reason(error, 100)})") from None
     model = entry.build(payload["config"], payload["info"])
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as error:
         if not overrides:
             raise ConfigError(f"{checkpoint}: its weights do not fit the {payload['model_name']} its config "
-                              f"describes ({str(error).splitlines()[0][:120]})") from None
+                              f"describes ({error_reason(error, 120)})") from None
         raise ConfigError(f"{checkpoint}: {', '.join(f'{k}={v}' for k, v in overrides.items())} changes the "
                           f"model's weights; only test-time knobs can be changed here") from error
     model = model.to(device).eval()

@@ -27,7 +27,7 @@ class _OneLineUsageError(click.ClickException):
         click.echo(f"error: {one_line(self.format_message())}", err=True)
 
 
-def _one_line(error: click.UsageError) -> _OneLineUsageError:
+def _usage_error_line(error: click.UsageError) -> _OneLineUsageError:
     where = error.ctx.command_path if error.ctx is not None else "detseg"
     return _OneLineUsageError(f"{error.format_message()} (see: {where} --help)")
 
@@ -39,13 +39,13 @@ class _Group(click.Group):
         try:
             return super().make_context(*args, **kwargs)
         except click.UsageError as err:
-            raise _one_line(err) from None
+            raise _usage_error_line(err) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except click.UsageError as err:
-            raise _one_line(err) from None
+            raise _usage_error_line(err) from None
         except DetsegError as err:
             if _DEBUG["on"]:
                 traceback.print_exc()

@@ -53,6 +53,13 @@ class WriteError(DetsegError):
         self.path, self.errno = path, error.errno
 
 
+def error_reason(error: BaseException, limit: int | None = None) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), cut to ``limit`` characters if
+    given: the reason a library gave, quoted inside one of our one-line messages."""
+    text = str(error)
+    return (text.splitlines()[0] if text.strip() else type(error).__name__)[:limit]
+
+
 def one_line(text: str) -> str:
     """``text`` with line breaks and other control characters escaped (``\\r``, ``\\x00``): a message that quotes
     a user's value stays one line on a terminal, whatever the value held."""

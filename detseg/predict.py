@@ -52,7 +52,7 @@ from tqdm import tqdm
 from . import registry
 from .data.images import first_file, load_rgb, read_image_size
 from .engine.checkpoint import load_checkpoint
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, error_reason
 from .io import write_json
 from .metrics import results_from_detections
 from .viz import save_png
@@ -113,10 +113,6 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _reason(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
 def open_video(path: Path) -> cv2.VideoCapture:
     # OpenCV's FFmpeg backend prints its own complaints about a bad file on stderr; the DataError below says it in
     # one line instead (a user's own setting of the variable wins).
@@ -171,7 +167,7 @@ def read_coco_index(path: str | Path) -> tuple[dict[str, int], dict[str, int]]:
     except FileNotFoundError:
         raise ConfigError(f"--coco {path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(path, f"cannot read COCO json: {_reason(error)}") from None
+        raise DataError(path, f"cannot read COCO json: {error_reason(error)}") from None
     index = []
     for key, name_field in (("images", "file_name"), ("categories", "name")):
         entries = document.get(key) if isinstance(document, dict) else None

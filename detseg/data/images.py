@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from detseg.errors import DataError
+from detseg.errors import DataError, error_reason
 
 _HIGH_BIT_INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -60,10 +60,6 @@ def first_file(candidates) -> Path | None:
     return None
 
 
-def _reason(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
 def read_image_size(path: str | Path, image_id=None) -> tuple[int, int]:
     """(width, height) from the header of image file ``path`` (a few bytes read); a DataError naming the file if it
     is not an image PIL can read, or too large to decode."""
@@ -71,7 +67,7 @@ def read_image_size(path: str | Path, image_id=None) -> tuple[int, int]:
         with Image.open(path) as image:
             size = image.size
     except _READ_ERRORS as error:
-        raise DataError(path, f"cannot read image header: {_reason(error)}", image_id=image_id) from None
+        raise DataError(path, f"cannot read image header: {error_reason(error)}", image_id=image_id) from None
     check_pixel_count(path, *size, image_id=image_id)
     return size
 
@@ -94,7 +90,7 @@ def load_rgb(path: str | Path, image_id=None) -> np.ndarray:
     except DataError:
         raise
     except _READ_ERRORS as error:
-        raise DataError(path, f"cannot read image: {_reason(error)}", image_id=image_id) from None
+        raise DataError(path, f"cannot read image: {error_reason(error)}", image_id=image_id) from None
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:

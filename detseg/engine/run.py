@@ -32,6 +32,12 @@ def write_history(path: Path, history: list[dict]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
+def write_progress(run_dir: Path, history: list[dict], main: str) -> None:
+    """history.csv and curves.png, rewritten whole from the trainer's history after every epoch."""
+    write_history(run_dir / "history.csv", history)
+    plot_curves(run_dir / "curves.png", history, main)
+
+
 def _log(message: str, enabled: bool) -> None:
     if enabled:
         print(message, flush=True)
@@ -55,8 +61,7 @@ def fit(trainer: Trainer, run_dir: Path, verbose: bool = True) -> None:
             if trainer.best_metric > previous_best:
                 trainer.save(run_dir / "best.pt")
             trainer.save(run_dir / "last.pt")
-            write_history(run_dir / "history.csv", trainer.history)
-            plot_curves(run_dir / "curves.png", trainer.history, main)
+            write_progress(run_dir, trainer.history, main)
             shown = f"{main} {row[main]:.4f}" if not math.isnan(row[main]) else ""
             _log(f"epoch {row['epoch']:>3}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
                  f"{shown}  ({time.perf_counter() - started:.1f} s)", verbose)
@@ -64,8 +69,7 @@ def fit(trainer: Trainer, run_dir: Path, verbose: bool = True) -> None:
             torch.distributed.barrier()
     if writes and trainer.epoch == epochs_at_start:
         # Nothing left to train: a run killed between last.pt and these files of its final epoch gets them now.
-        write_history(run_dir / "history.csv", trainer.history)
-        plot_curves(run_dir / "curves.png", trainer.history, main)
+        write_progress(run_dir, trainer.history, main)
     if trainer.stopped_by_budget:
         _log(f"time budget of {config['time_budget']:g} s reached after {trainer.train_seconds:.1f} s of training",
              verbose and writes)
