@@ -48,6 +48,8 @@ def reset_database(url: str | None) -> None:
     if url:
         database = Database(url)
         database.drop_all()
+        with database.engine.begin() as connection:      # and procrastinate's queue (reinstalled at start)
+            connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         database.dispose()
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 from detseg.hyperquest import create_app
-from detseg.hyperquest import game as game_module
+from detseg.hyperquest import jobs as jobs_module
 from detseg.hyperquest import training as training_module
 
 from .hyperquest_support import IMAGE_POOL, TestClient, make_settings, wait_idle, wait_until
@@ -228,13 +228,13 @@ def test_a_diverged_epoch_is_shown_and_revert_still_works(client, monkeypatch):
 
 def test_actions_wait_while_an_epoch_runs(client, monkeypatch):
     release = threading.Event()
-    real_job = game_module.epoch_job
+    real_job = jobs_module.epoch_job
 
     def slow_job(*args):
         release.wait(30)
         return real_job(*args)
 
-    monkeypatch.setattr(game_module, "epoch_job", slow_job)
+    monkeypatch.setattr(jobs_module, "epoch_job", slow_job)
     login(client)
     tid = new_trial(client)["id"]
     assert act(client, tid, action="train").json()["state"] in ("queued", "running")

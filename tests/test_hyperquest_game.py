@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from detseg.hyperquest import schemas
+from detseg.hyperquest import jobs, schemas
 from detseg.hyperquest.game import Conflict, Game, NotFound
 from detseg.hyperquest.worker import FairQueue, Job
 
@@ -30,7 +30,7 @@ def db_url(request):
 def held_game(settings) -> Game:
     """A game whose queue never runs anything: what a server leaves behind when it dies with work queued."""
     game = Game(settings)
-    game.db.create_all()
+    game.create_tables()
     return game
 
 
@@ -71,32 +71,28 @@ def test_a_restart_resumes_data_sets_and_epochs_from_the_last_checkpoint(tmp_pat
     assert [row["status"] for row in epochs] == ["done", "done"]           # nothing lost
 
 
-def test_many_players_at_once_lose_nothing_and_never_run_two_epochs_each(tmp_path, db_url):
+def test_many_players_at_once_lose_nothing_and_never_run_two_epochs_each(tmp_path, db_url, monkeypatch):
     settings = make_settings(tmp_path, db_url, workers=3, dataset_pool=2)
     game = Game(settings)
     running: dict[str, int] = {}
     most_at_once: dict[str, int] = {}
     guard = threading.Lock()
-    real_submit = game.queue.submit
+    real_run = jobs.run
 
-    def counting_submit(job: Job, **options):
-        # Wrap each job to count how many of one lane run at the same moment.
-        function = job.function
-
-        def counted(*args, lane=job.lane):
+    def counted(work: dict, artifacts: str):
+        # Every job of every queue goes through jobs.run: count how many of one lane run at the same moment.
+        lane = work["lane"]
+        with guard:
+            running[lane] = running.get(lane, 0) + 1
+            most_at_once[lane] = max(most_at_once.get(lane, 0), running[lane])
+        try:
+            time.sleep(0.01)
+            return real_run(work, artifacts)
+        finally:
             with guard:
-                running[lane] = running.get(lane, 0) + 1
-                most_at_once[lane] = max(most_at_once.get(lane, 0), running[lane])
-            try:
-                time.sleep(0.01)
-                return function(*args)
-            finally:
-                with guard:
-                    running[lane] -= 1
-        job.function = counted
-        real_submit(job, **options)
+                running[lane] -= 1
 
-    game.queue.submit = counting_submit
+    monkeypatch.setattr(jobs, "run", counted)
     game.start()
     players, errors = [], []
 

@@ -42,6 +42,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.gzip import GZipMiddleware
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.middleware.sessions import SessionMiddleware
 
 from . import responses, schemas
@@ -55,6 +56,7 @@ from .views import to_csv
 STATIC = Path(__file__).parent / "static"
 SESSION_DAYS = 14
 SESSION_COOKIE = "hyperquest_session"
+DATABASE_RETRY_S = 2
 
 # The credentials, as the schema declares them. The session scheme only documents the cookie: Starlette's session
 # middleware has checked its signature before a route runs. The admin token is taken from the Authorization header
@@ -75,15 +77,18 @@ REFUSALS = {
     415: "a POST to /api/ whose body is not JSON",
     422: "invalid input: the fields that failed validation, or why the request is impossible for this trial",
     429: "too many failed logins for this player ID or from this address: wait the Retry-After seconds",
+    503: "the database cannot be reached at the moment (restarting): nothing was changed; retry after Retry-After",
 }
 # Headers a refusal always carries.
-REFUSAL_HEADERS = {429: {"Retry-After": {"description": "seconds to wait before trying again", "required": True,
-                                         "schema": {"type": "integer", "minimum": 1}}}}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "required": True,
+                               "schema": {"type": "integer", "minimum": 1}}}
+REFUSAL_HEADERS = {429: RETRY_AFTER, 503: RETRY_AFTER}
 
 
 def refusals(*statuses: int, reasons: dict[int, str] | None = None) -> dict:
-    """``responses=`` of a route: its error answers, their bodies' models, and what they mean for this route."""
-    reasons = {**REFUSALS, **(reasons or {})}
+    """``responses=`` of a route: its error answers, their bodies' models, and what they mean for this route.
+    Every route that reads the database may answer 503 while it is down."""
+    reasons, statuses = {**REFUSALS, **(reasons or {})}, (*statuses, 503)
     answers = {status: {"model": responses.InvalidRequest if status == 422 else responses.Message,
                         "description": reasons[status]} for status in statuses}
     for status in set(statuses) & set(REFUSAL_HEADERS):
@@ -132,6 +137,14 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
     @app.exception_handler(GameError)
     async def game_error(_request: Request, error: GameError):
         return JSONResponse({"detail": str(error)}, status_code=error.status)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def database_down(_request: Request, _error: Exception):
+        # The database is restarting or unreachable: nothing was changed (the transaction rolled back), so the
+        # client may simply try again; the page does, after Retry-After seconds.
+        return JSONResponse({"detail": "the database is not reachable right now; nothing was changed, try again"},
+                            status_code=503, headers={"Retry-After": str(DATABASE_RETRY_S)})
 
     def player_id(request: Request, _cookie: str | None = Security(SESSION_SCHEME)) -> int:
         value = request.session.get("player")
@@ -212,9 +225,9 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
     def get_leaderboard(dataset_id: Annotated[int | None, Query(ge=1, le=schemas.MAX_ROW_ID)] = None):
         return game.leaderboard(dataset_id)
 
-    @app.get("/api/status", response_model=responses.QueueStats)
+    @app.get("/api/status", response_model=responses.QueueStats, responses=refusals())
     def status():
-        return game.queue.stats()
+        return game.status()
 
     # ---- research export ----------------------------------------------------------------------------------------
     csv_answer = {"content": {"text/csv": {"schema": {"type": "string"}}},

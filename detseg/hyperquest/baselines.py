@@ -9,25 +9,18 @@
 
 Every trained baseline gets the same epoch budget as a player (the epoch limit) and is scored by its best epoch's
 validation accuracy: a player who reverts to their best epoch and stops gets exactly that, so it is the fair
-comparison. Baselines train exactly like a player does - one epoch per job, on the fair queue, in the server's own
-lane - so they never hold a worker for long while people wait: each epoch is one turn among the players'.
+comparison. Baselines train exactly like a player does - one epoch per job, each baseline in a lane of its own on the
+fair queue - so they never hold a worker for long while people wait, and are never starved: each epoch is one turn
+among the players'. Their progress is a database row (:class:`~.db.BaselineRun`), recorded by :mod:`.outcomes`, so
+any worker may train a baseline's next epoch and a restart continues where it stopped.
 """
 from __future__ import annotations
 
 import math
-import shutil
-import threading
-from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
 
-from .db import Baseline, Database, Dataset
-from .jobs import epoch_job
-from .settings import DEFAULT_HPARAMS, DEFAULT_NETWORK, OPTIMIZERS, Settings
-from .worker import FairQueue, Job, log
+from .settings import DEFAULT_HPARAMS, DEFAULT_NETWORK, OPTIMIZERS
 
 TRAINED = ("logistic_regression", "default_network")
 LINEAR = {"arch": "mlp", "width": 1, "depth": 0}   # no hidden layer: the classifier alone is logistic regression
@@ -76,86 +69,3 @@ def summarize_baselines(rows: dict[str, float | None], summary: dict | None, dra
         "random_search": max(done_draws) if len(done_draws) == draws else None,
         "random_search_draws_done": len(done_draws), "random_search_draws": draws,
     }
-
-
-@dataclass
-class _Run:
-    """One baseline being trained: where it is, and what it has scored so far."""
-
-    dataset_id: int
-    name: str
-    data_path: str
-    directory: Path
-    network: dict
-    hparams: dict
-    seed: int
-    epochs: int
-    history: list[dict] = field(default_factory=list)
-
-    @property
-    def last_checkpoint(self) -> str | None:
-        return str(self.directory / f"epoch{len(self.history)}.pt") if self.history else None
-
-
-class BaselineRunner:
-    """Queues the missing baselines of a data set and records them when their last epoch is done.
-
-    Progress lives in memory (and checkpoint files); a server restart trains unfinished baselines from scratch.
-    """
-
-    def __init__(self, settings: Settings, database: Database, queue: FairQueue):
-        self.settings, self.db, self.queue = settings, database, queue
-        self._running: set[tuple[int, str]] = set()
-        self._lock = threading.Lock()
-
-    def queue_missing(self, dataset_id: int) -> None:
-        with self.db.session() as session:
-            dataset = session.get(Dataset, dataset_id)
-            done = set(session.scalars(select(Baseline.name).where(Baseline.dataset_id == dataset_id)))
-            data_path, seed = str(self.settings.data_dir / dataset.path), 7919 * (dataset.pool_index + 1)
-        for name in baseline_names(self.settings.baseline_draws):
-            with self._lock:
-                if name in done or (dataset_id, name) in self._running:
-                    continue
-                self._running.add((dataset_id, name))
-            network, hparams = configuration(name, seed)
-            directory = self.settings.data_dir / "baselines" / str(dataset_id) / name
-            shutil.rmtree(directory, ignore_errors=True)       # leftovers of an interrupted run
-            self._queue_epoch(_Run(dataset_id, name, data_path, directory, network, hparams, seed,
-                                   self.settings.epoch_limit))
-
-    def _queue_epoch(self, run: _Run, front: bool = False) -> None:
-        target = str(run.directory / f"epoch{len(run.history) + 1}.pt")
-        args = (run.data_path, run.last_checkpoint, target, run.network, run.hparams, run.seed)
-        # The next epoch of a run goes to the front of the server's lane: one baseline finishes before the next.
-        self.queue.submit(Job("server", epoch_job, args, name=f"baseline {run.name} of data set {run.dataset_id}",
-                              on_done=partial(self._epoch_done, run)), front=front)
-
-    def _epoch_done(self, run: _Run, result: dict | None, error: BaseException | None) -> None:
-        if error is not None:          # left missing: the next server start tries again
-            log.error("baseline %s of data set %s failed: %s", run.name, run.dataset_id, error)
-            with self._lock:
-                self._running.discard((run.dataset_id, run.name))
-            return
-        run.history.append({key: result[key] for key in ("epoch", "train_loss", "val_loss", "val_acc", "diverged",
-                                                          "seconds")})
-        if len(run.history) > 1:
-            Path(run.directory / f"epoch{len(run.history) - 1}.pt").unlink(missing_ok=True)
-        if len(run.history) < run.epochs and not result["diverged"]:
-            return self._queue_epoch(run, front=True)
-        self._record(run)
-
-    def _record(self, run: _Run) -> None:
-        scores = [row["val_acc"] for row in run.history if not row["diverged"]]
-        details = {"network": run.network, "hparams": run.hparams, "epochs": len(run.history),
-                   "diverged": run.history[-1]["diverged"], "best_epoch": 1 + int(np.argmax(scores)) if scores else None,
-                   "seconds": sum(row["seconds"] for row in run.history), "history": run.history}
-        with self.db.session() as session:
-            exists = session.scalar(select(Baseline.id).where(Baseline.dataset_id == run.dataset_id,
-                                                              Baseline.name == run.name))
-            if exists is None:
-                session.add(Baseline(dataset_id=run.dataset_id, name=run.name, val_acc=max(scores, default=0.0),
-                                     details=details))
-        shutil.rmtree(run.directory, ignore_errors=True)
-        with self._lock:
-            self._running.discard((run.dataset_id, run.name))

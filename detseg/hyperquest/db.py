@@ -137,8 +137,40 @@ class Baseline(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class BaselineRun(Base):
+    """A baseline being trained, one epoch per job: how far it is and the checkpoint it continues from.
+
+    It lives in the database, not in a server's memory, so that any worker may train its next epoch and a restart
+    continues where it stopped. ``epochs_done`` is also what makes an epoch count once: a job whose epoch is not
+    the next one (a retry of an epoch already recorded) changes nothing.
+    """
+
+    __tablename__ = "baseline_runs"
+    __table_args__ = (UniqueConstraint("dataset_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    name: Mapped[str] = mapped_column(String(32))
+    epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    checkpoint: Mapped[str | None] = mapped_column(Text, nullable=True)     # relative to the artifact store
+    history: Mapped[list] = mapped_column(JSON, default=list)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 TABLES = {"players": Player, "datasets": Dataset, "trials": Trial, "checkpoints": Checkpoint, "actions": Action,
-          "baselines": Baseline}
+          "baselines": Baseline, "baseline_runs": BaselineRun}
+
+
+AFTER_COMMIT = "detseg_after_commit"
+
+
+def after_commit(session: Session, callback) -> None:
+    """Run ``callback()`` after ``session``'s transaction (a :meth:`Database.session` block) commits; never if it
+    rolls back."""
+    session.info.setdefault(AFTER_COMMIT, []).append(callback)
+
+
+def is_postgresql(url: str) -> bool:
+    return normalize_url(url).startswith("postgresql")
 
 
 def normalize_url(url: str) -> str:
@@ -173,9 +205,15 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction: committed when the block ends, rolled back if it raises."""
+        """A transaction: committed when the block ends, rolled back if it raises.
+
+        Work that must only happen once the transaction is committed (handing a job to an in-process queue,
+        deleting a file the database no longer names) is registered with :func:`after_commit`.
+        """
         with self._sessions.begin() as session:
             yield session
+        for callback in session.info.pop(AFTER_COMMIT, []):
+            callback()
 
     def dispose(self) -> None:
         self.engine.dispose()

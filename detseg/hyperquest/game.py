@@ -7,32 +7,33 @@ A trial moves through these states::
     ready --grow--> ready        ready | diverged --revert--> ready | diverged        ready | diverged --stop--> finished
 
 Every request that changes something is an :class:`~.db.Action` row; a refused one is logged as ``rejected`` with
-its reason, because what players *try* is research data too. Epochs are the only slow action: they are queued on
-the :class:`~.worker.FairQueue` and recorded when the worker answers. Growing is a Net2Net transform of one
-checkpoint (milliseconds), reverting and stopping only move pointers, so those answer at once.
+its reason, because what players *try* is research data too. Epochs are the only slow action: they are queued (in
+the same transaction as the action that asked for them, see :mod:`.queue`) and recorded by :mod:`.outcomes` when a
+worker is done. Growing is a Net2Net transform of one checkpoint (milliseconds), reverting and stopping only move
+pointers, so those answer at once.
 
-Concurrency: one lock per trial serialises a player's actions against the epoch results arriving from the
-workers. State only ever changes in the database, so a restarted server picks up every trial where it was
-(:meth:`Game.recover`): epochs that were queued or running are queued again from their trial's last checkpoint.
+Concurrency: a trial's row is locked (``SELECT ... FOR UPDATE`` on PostgreSQL, where several web processes and
+workers share it; an in-process lock per trial in the embedded server) while an action or an epoch result changes
+it. State only ever changes in the database: a restarted embedded server picks up every trial where it was
+(:func:`.outcomes.recover`), and PostgreSQL's queue outlives any one process.
 """
 from __future__ import annotations
 
 import random
 import threading
-import uuid
-from functools import partial
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
-from . import schemas
-from .baselines import BaselineRunner
+from . import outcomes, schemas, work as pieces
 from .db import Action, Checkpoint, Database, Dataset, Player, Trial, utcnow
-from .jobs import epoch_job, grow_job, prepare_dataset, warm_up
+from .jobs import grow_job, warm_up
+from .queue import make_queue
 from .settings import DEFAULT_HPARAMS, DEFAULT_NETWORK, MAX_BLOCKS, MAX_WIDTH, Settings
 from .tasks import cache_path, pool_spec
 from .views import export_rows, leaderboard, lineage, trial_view
-from .worker import FairQueue, Job, log
+from .worker import log
 
 
 class GameError(Exception):
@@ -74,62 +75,47 @@ WHY_NOT = {
 }
 
 
-def _lane(player_id: int) -> str:
-    return f"player:{player_id}"
-
-
 class Game:
-    """HyperQuest's rules on top of a database and a fair queue of background workers."""
+    """HyperQuest's rules on top of a database and a queue of background work (:func:`.queue.make_queue`)."""
 
-    def __init__(self, settings: Settings, database: Database | None = None, queue: FairQueue | None = None):
+    def __init__(self, settings: Settings, database: Database | None = None, queue=None):
         self.settings = settings
         self.db = database or Database(settings.db_url)
-        self.queue = queue or FairQueue(settings.workers, settings.executor)
+        self.queue = queue or make_queue(settings)
         self._trial_locks: dict[int, threading.RLock] = {}
         self._guard = threading.Lock()          # guards the lock table, player creation, data set creation
-        self.baselines = BaselineRunner(settings, self.db, self.queue)
         self._random = random.SystemRandom()
+        self.context = outcomes.Context(self.db, self.queue, settings.artifacts, trial_lock=self._lock,
+                                        datasets_lock=self._guard)
+        self.rules = pieces.rules(settings)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def create_tables(self) -> None:
+        """The game's tables, and the queue's where it has some (procrastinate's, on PostgreSQL)."""
         self.db.create_all()
-        self.queue.start()
-        self.recover()
+        self.queue.create_tables()
+
+    def start(self) -> None:
+        self.create_tables()
+        self.queue.start(self.context)
+        if self.queue.local:
+            self.recover()
         # Growing runs torch in this process: import it now, in the background, not in a player's first request.
         threading.Thread(target=warm_up, name="hyperquest-warm-up", daemon=True).start()
 
     def stop(self) -> None:
-        self.queue.shutdown()
+        self.queue.stop()
         self.db.dispose()
 
     def recover(self) -> None:
-        """Queue again whatever was waiting when the server stopped: data sets, epochs, baselines."""
-        with self.db.session() as session:
-            preparing = session.scalars(select(Dataset.id).where(Dataset.state == "preparing")).all()
-            ready = session.scalars(select(Dataset.id).where(Dataset.state == "ready")).all()
-            epochs = []
-            for trial in session.scalars(select(Trial).where(Trial.state.in_(("queued", "running")))):
-                if trial.pending_action_id is None:
-                    trial.state = "ready"
-                    continue
-                trial.state = "queued"
-                session.get(Action, trial.pending_action_id).status = "queued"
-                epochs.append((trial.id, trial.pending_action_id))
-        for dataset_id in preparing:
-            self._queue_prepare(dataset_id, "server")
-        for trial_id, action_id in epochs:
-            self._queue_epoch(trial_id, action_id)
-        for dataset_id in ready:
-            self.baselines.queue_missing(dataset_id)
+        """Queue again whatever the in-process queue held when the server stopped: data sets, epochs, baselines."""
+        preparing, epochs = outcomes.recover(self.context, self.rules)
         if preparing or epochs:
-            log.info("recovered %d data set(s) and %d epoch(s) from the last run", len(preparing), len(epochs))
+            log.info("recovered %d data set(s) and %d epoch(s) from the last run", preparing, epochs)
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _path(self, relative: str) -> str:
-        return str(self.settings.data_dir / relative)
-
-    def _new_checkpoint_path(self, trial_id: int) -> str:
-        return f"trials/{trial_id}/{uuid.uuid4().hex}.pt"
+        return str(self.settings.artifacts / relative)
 
     def _lock(self, trial_id: int) -> threading.RLock:
         with self._guard:
@@ -143,9 +129,11 @@ class Game:
         return player
 
     @staticmethod
-    def _own_trial(session, player_id: int, trial_id: int) -> Trial:
-        """The trial if it is this player's; someone else's trial is as absent as a missing one (404)."""
-        trial = session.get(Trial, trial_id)
+    def _own_trial(session, player_id: int, trial_id: int, lock: bool = False) -> Trial:
+        """The trial if it is this player's; someone else's trial is as absent as a missing one (404). ``lock``:
+        hold its row until the transaction ends (PostgreSQL), so that an epoch result or another web process's
+        request for the same trial waits for this one."""
+        trial = session.get(Trial, trial_id, with_for_update=lock)
         if trial is None or trial.player_id != player_id:
             raise NotFound(f"no trial {trial_id} of yours")
         return trial
@@ -171,6 +159,12 @@ class Game:
     # ---- players ------------------------------------------------------------------------------------------------
     def login(self, handle: str, name: str) -> dict:
         """Log in as ``handle``, creating the player on first use; the name must match the one given then."""
+        try:
+            return self._login(handle, name)
+        except IntegrityError:                  # another web process created this player a moment ago
+            return self._login(handle, name)
+
+    def _login(self, handle: str, name: str) -> dict:
         with self._guard, self.db.session() as session:
             player = session.scalar(select(Player).where(Player.handle == handle))
             if player is None:
@@ -204,6 +198,12 @@ class Game:
     # ---- trials -------------------------------------------------------------------------------------------------
     def new_trial(self, player_id: int) -> dict:
         """Draw a data set from the pool (one this player has not played, while there are any) and start a trial."""
+        try:
+            return self._new_trial(player_id)
+        except IntegrityError:                  # another web process created this data set's row a moment ago
+            return self._new_trial(player_id)
+
+    def _new_trial(self, player_id: int) -> dict:
         with self._guard, self.db.session() as session:
             player = self._player(session, player_id)
             if player.survey is None:
@@ -218,10 +218,11 @@ class Game:
             if dataset is None:
                 spec = pool_spec(self.settings.pool_seed, pool_index, self.settings.train_range,
                                  self.settings.val_range)
-                path = cache_path(self.settings.data_dir, pool_index, spec).relative_to(self.settings.data_dir)
+                path = cache_path(self.settings.artifacts, pool_index, spec).relative_to(self.settings.artifacts)
                 dataset = Dataset(pool_index=pool_index, spec=spec, path=str(path))
                 session.add(dataset)
                 session.flush()
+            session.refresh(dataset, with_for_update=True)      # one web process at a time decides to generate it
             if dataset.state == "ready" and not Path(self._path(dataset.path)).is_file():
                 dataset.state = "new"                # the cache file was deleted: generate it again
             prepare = dataset.state in ("new", "failed")
@@ -233,15 +234,15 @@ class Game:
             session.flush()
             session.add(Action(player_id=player_id, trial_id=trial.id, kind="new_trial",
                                payload={"dataset_id": dataset.id, "pool_index": pool_index}))
-            trial_id, dataset_id = trial.id, dataset.id
-        if prepare:
-            self._queue_prepare(dataset_id, _lane(player_id))
+            if prepare:
+                self.queue.defer(session, pieces.prepare(dataset, pieces.player_lane(player_id), self.rules))
+            trial_id = trial.id
         return self.view(player_id, trial_id)
 
     def view(self, player_id: int, trial_id: int) -> dict:
         with self.db.session() as session:
             trial = self._own_trial(session, player_id, trial_id)
-            ahead = self.queue.lanes_ahead(_lane(player_id)) if trial.state == "queued" else None
+            ahead = self.queue.place(session, pieces.player_lane(player_id)) if trial.state == "queued" else None
             return trial_view(session, trial, epoch_limit=self.settings.epoch_limit,
                               draws=self.settings.baseline_draws, queue_ahead=ahead)
 
@@ -264,7 +265,7 @@ class Game:
     # ---- training -----------------------------------------------------------------------------------------------
     def _train(self, player_id: int, trial_id: int, action: schemas.TrainAction) -> None:
         with self.db.session() as session:
-            trial = self._own_trial(session, player_id, trial_id)
+            trial = self._own_trial(session, player_id, trial_id, lock=True)
             self._require(trial, "train")
             if trial.current_checkpoint_id is None:
                 network = action.network.model_dump() if action.network else (trial.network or DEFAULT_NETWORK)
@@ -281,63 +282,11 @@ class Game:
             session.add(record)
             session.flush()
             trial.hparams, trial.state, trial.pending_action_id = hparams, "queued", record.id
-            action_id = record.id
-        self._queue_epoch(trial_id, action_id)
-
-    def _queue_epoch(self, trial_id: int, action_id: int) -> None:
-        with self.db.session() as session:
-            trial = session.get(Trial, trial_id)
-            dataset = session.get(Dataset, trial.dataset_id)
-            source = session.get(Checkpoint, trial.current_checkpoint_id) if trial.current_checkpoint_id else None
-            hparams = session.get(Action, action_id).payload["hparams"]
-            target = self._new_checkpoint_path(trial_id)
-            args = (self._path(dataset.path), self._path(source.path) if source else None, self._path(target),
-                    trial.network, hparams, trial.seed)
-            player_id = trial.player_id
-        self.queue.submit(Job(_lane(player_id), epoch_job, args, name=f"trial {trial_id} epoch",
-                              on_start=partial(self._epoch_started, trial_id, action_id),
-                              on_done=partial(self._epoch_done, trial_id, action_id, target)))
-
-    def _epoch_started(self, trial_id: int, action_id: int) -> None:
-        with self.db.session() as session:
-            session.execute(update(Trial).where(Trial.id == trial_id, Trial.pending_action_id == action_id)
-                            .values(state="running"))
-            session.execute(update(Action).where(Action.id == action_id).values(status="running",
-                                                                                 started_at=utcnow()))
-
-    def _epoch_done(self, trial_id: int, action_id: int, target: str, result: dict | None,
-                    error: BaseException | None) -> None:
-        with self._lock(trial_id), self.db.session() as session:
-            trial = session.get(Trial, trial_id)
-            if trial.pending_action_id != action_id:
-                return                           # superseded (cannot happen while the trial waits; be safe)
-            record = session.get(Action, action_id)
-            trial.pending_action_id = None
-            record.finished_at = utcnow()
-            if error is not None:
-                trial.state = "ready"
-                trial.last_error = f"the epoch failed ({type(error).__name__}: {error}); try again"
-                record.status, record.result = "failed", {"error": f"{type(error).__name__}: {error}"}
-                return
-            metrics = {key: result[key] for key in ("train_loss", "train_acc", "val_loss", "val_acc", "diverged",
-                                                     "seconds")}
-            checkpoint = Checkpoint(trial_id=trial_id, parent_id=trial.current_checkpoint_id, kind="epoch",
-                                    epoch=result["epoch"], path=target, architecture=result["architecture"],
-                                    layers=result["layers"], hparams=record.payload["hparams"], **metrics)
-            session.add(checkpoint)
-            session.flush()
-            trial.current_checkpoint_id, trial.epoch = checkpoint.id, checkpoint.epoch
-            trial.epochs_trained += 1
-            trial.last_error = None
-            trial.state = "diverged" if checkpoint.diverged else "ready"
-            record.status, record.result = "done", {"checkpoint_id": checkpoint.id, "epoch": checkpoint.epoch,
-                                                    **metrics}
-            if not checkpoint.diverged and trial.epoch >= self.settings.epoch_limit:
-                self._finish(session, trial, checkpoint, "epoch_limit")
+            self.queue.defer(session, pieces.epoch(session, trial, record.id, self.rules))
 
     # ---- growing, reverting, stopping ---------------------------------------------------------------------------
     def _grow(self, player_id: int, trial_id: int, action: schemas.GrowAction) -> None:
-        with self.db.session() as session:
+        with self.db.session() as session:        # no lock while torch grows the network: it is checked after
             trial = self._own_trial(session, player_id, trial_id)
             self._require(trial, "grow")
             source = self._current_checkpoint(session, trial, "grow")
@@ -358,26 +307,29 @@ class Game:
             if len(widths) >= MAX_BLOCKS:
                 raise Invalid(f"the network already has {len(widths)} hidden layers, the cap is {MAX_BLOCKS}")
             note = f"new layer after layer {action.layer} (width {widths[action.layer]})"
-        target = self._new_checkpoint_path(trial_id)
+        target = pieces.new_checkpoint_path(trial_id)
         try:
             grown = grow_job(self._path(source_path), self._path(target), action.how, action.layer, action.factor,
                              hparams, seed)
         except ValueError as error:              # detseg.growth.GrowthError: a request this network cannot take
             raise Invalid(str(error)) from None
         with self.db.session() as session:
+            trial = session.get(Trial, trial_id, with_for_update=True)
+            if trial.current_checkpoint_id != source_id or trial.state != "ready":
+                raise Conflict("cannot grow: the trial changed while the network grew (another request); try again")
             checkpoint = Checkpoint(trial_id=trial_id, parent_id=source_id, kind="grow", epoch=epoch, path=target,
                                     architecture=grown["architecture"], layers=grown["layers"], hparams=hparams,
                                     note=note, **metrics)
             session.add(checkpoint)
             session.flush()
-            session.get(Trial, trial_id).current_checkpoint_id = checkpoint.id
+            trial.current_checkpoint_id = checkpoint.id
             session.add(Action(player_id=player_id, trial_id=trial_id, kind="grow", payload=action.model_dump(),
                                result={"checkpoint_id": checkpoint.id, "note": note,
                                        "widths": grown["architecture"]["widths"]}, finished_at=utcnow()))
 
     def _revert(self, player_id: int, trial_id: int, action: schemas.RevertAction) -> None:
         with self.db.session() as session:
-            trial = self._own_trial(session, player_id, trial_id)
+            trial = self._own_trial(session, player_id, trial_id, lock=True)
             self._require(trial, "revert")
             if action.checkpoint_id is not None:
                 target = session.get(Checkpoint, action.checkpoint_id)
@@ -396,44 +348,15 @@ class Game:
 
     def _stop(self, player_id: int, trial_id: int, action: schemas.StopAction) -> None:
         with self.db.session() as session:
-            trial = self._own_trial(session, player_id, trial_id)
+            trial = self._own_trial(session, player_id, trial_id, lock=True)
             self._require(trial, "stop")
-            self._finish(session, trial, self._current_checkpoint(session, trial, "stop"), "stopped")
-
-    def _finish(self, session, trial: Trial, checkpoint: Checkpoint, reason: str) -> None:
-        """Record the final score: the current checkpoint's validation accuracy (what the player stopped on)."""
-        trial.state, trial.stop_reason, trial.finished_at = "finished", reason, utcnow()
-        trial.final_val_acc = checkpoint.val_acc if checkpoint.val_acc is not None else 0.0
-        trial.final_diverged = checkpoint.diverged
-        session.add(Action(player_id=trial.player_id, trial_id=trial.id, kind="stop", payload={"reason": reason},
-                           result={"val_acc": trial.final_val_acc, "checkpoint_id": checkpoint.id,
-                                   "diverged": checkpoint.diverged}, finished_at=utcnow()))
-
-    # ---- data sets and baselines --------------------------------------------------------------------------------
-    def _queue_prepare(self, dataset_id: int, lane: str) -> None:
-        with self.db.session() as session:
-            dataset = session.get(Dataset, dataset_id)
-            args = (dict(dataset.spec), self._path(dataset.path))
-        self.queue.submit(Job(lane, prepare_dataset, args, name=f"prepare data set {dataset_id}",
-                              on_done=partial(self._prepare_done, dataset_id)))
-
-    def _prepare_done(self, dataset_id: int, summary: dict | None, error: BaseException | None) -> None:
-        with self._guard, self.db.session() as session:
-            dataset = session.get(Dataset, dataset_id)
-            waiting = session.scalars(select(Trial).where(Trial.dataset_id == dataset_id,
-                                                          Trial.state == "preparing")).all()
-            if error is not None:
-                log.error("generating data set %s failed: %s", dataset_id, error)
-                dataset.state = "failed"
-                for trial in waiting:
-                    trial.state, trial.last_error = "failed", f"generating the data set failed: {error}"
-                return
-            dataset.state, dataset.summary = "ready", summary
-            for trial in waiting:
-                trial.state = "ready"
-        self.baselines.queue_missing(dataset_id)
+            outcomes.finish_trial(session, trial, self._current_checkpoint(session, trial, "stop"), "stopped")
 
     # ---- read-only ----------------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        with self.db.session() as session:
+            return self.queue.stats(session)
+
     def leaderboard(self, dataset_id: int | None = None) -> dict:
         with self.db.session() as session:
             return leaderboard(session, self.settings.baseline_draws, dataset_id)

@@ -1,13 +1,22 @@
 """What a worker process runs: generate a data set, train one epoch (of a trial or a baseline), grow a network.
 
-Each job reads files and returns plain data: the server decides what the result means for the game and writes the
-database. A job writes its checkpoint to a path the server chose before queueing it, so a job that finishes after
-its server died leaves only an unreferenced file, never a half-recorded epoch.
+Each job reads files and returns plain data; what the result means for the game is recorded by :mod:`.outcomes`.
+A job writes its checkpoint (completely, then renamed into place) to a path chosen before it was queued, so a job
+that dies, or finishes after its server died, leaves at most an unreferenced file, never a half-recorded epoch; and
+a retried job writes the same file again.
+
+A queued piece of work is a plain JSON object, the same for the in-process queue and the PostgreSQL one::
+
+    {"kind": "prepare" | "epoch" | "baseline", "lane": "player:7", "args": {...}}
+
+with file paths relative to the artifact store, which every worker reaches under its own root (:func:`run`).
 
 This module is what the server refers to when it queues work, so it imports torch only inside the jobs: the web
 server itself starts without loading torch (a background thread warms the imports up after start-up).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def prepare_dataset(spec: dict, path: str) -> dict:
@@ -44,6 +53,18 @@ def grow_job(source: str, target: str, how: str, layer: int, factor: float, hpar
     from .training import grow_checkpoint
 
     return grow_checkpoint(source, target, how, layer, factor, hparams, seed)
+
+
+def run(work: dict, artifacts: str) -> dict:
+    """Do the computing part of ``work`` with its files under ``artifacts``; what it returns is recorded after."""
+    args, root = work["args"], Path(artifacts)
+    if work["kind"] == "prepare":
+        return prepare_dataset(args["spec"], str(root / args["path"]))
+    if work["kind"] in ("epoch", "baseline"):
+        source = str(root / args["source"]) if args["source"] else None
+        return epoch_job(str(root / args["dataset_path"]), source, str(root / args["target"]), args["network"],
+                         args["hparams"], args["seed"])
+    raise ValueError(f"unknown kind of work {work['kind']!r}")
 
 
 def warm_up() -> None:

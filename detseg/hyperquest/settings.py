@@ -53,7 +53,8 @@ ADMIN_TOKEN_ENV = "DETSEG_HYPERQUEST_ADMIN_TOKEN"
 
 @dataclass
 class Settings:
-    """How one HyperQuest server runs. ``data_dir`` holds checkpoints, cached data sets and the two secrets."""
+    """How one HyperQuest server runs. ``data_dir`` holds the two secrets (and the SQLite database); ``artifacts``
+    (by default ``data_dir`` too) the cached data sets and checkpoints, which every worker must reach."""
 
     db_url: str
     data_dir: Path
@@ -65,8 +66,11 @@ class Settings:
     login_failures_per_player: int = 5         # failed logins per player ID per login_window_s, then 429
     login_failures_per_address: int = 20       # ... and per client address
     login_window_s: float = 60.0
-    workers: int = 1                           # background processes that train epochs
+    workers: int = 1                           # background processes that train epochs (this server's own)
     executor: str = "process"                  # "process" (the server) or "thread" (fast tests)
+    artifacts: Path | None = None              # data sets and checkpoints: a directory every worker reaches
+    queue: str = "auto"                        # "local" (in-process), "postgresql" (procrastinate), "auto": by db_url
+    local_workers: bool = True                 # False: only `detseg hyperquest worker` processes train (PostgreSQL)
     epoch_limit: int = 20                      # a trial ends at this epoch; the baselines get the same budget
     dataset_pool: int = 20                     # trials draw from this many data sets, so leaderboards fill up
     pool_seed: int = 0                         # which pool (data set i is random_task(pool_seed * 10**6 + i))
@@ -91,6 +95,10 @@ class Settings:
             overrides.setdefault("train_range", (240, 320))
             overrides.setdefault("val_range", (80, 120))
         settings = cls(db_url=db_url, data_dir=data_dir, **overrides)
+        settings.artifacts = Path(settings.artifacts or data_dir).resolve()
+        settings.artifacts.mkdir(parents=True, exist_ok=True)
+        if settings.queue not in ("auto", "local", "postgresql"):
+            raise ValueError(f"queue must be 'auto', 'local' or 'postgresql', got {settings.queue!r}")
         settings.admin_token = settings.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "")
         if not settings.admin_token:
             # A file, not the console: a token printed at start ends up in terminal scrollback and service logs.
