@@ -247,13 +247,39 @@ def bench_command(study, out, quick, only) -> None:
     run_study(study, out=out, quick=quick, only=only)
 
 
-@main.command("hyperquest")
+class _ServeByDefault(click.Group):
+    """``detseg hyperquest [OPTIONS]`` is ``detseg hyperquest serve [OPTIONS]``: the command alone still runs the
+    server, as it did before the queue could live elsewhere."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("hyperquest", cls=_ServeByDefault)
+def hyperquest_group() -> None:
+    """HyperQuest, the hyperparameter game: the web server (serve, the default) and its training workers (worker).
+    Needs the extra: pip install 'detseg[hyperquest]'."""
+
+
+_ARTIFACTS_HELP = ("Data sets and checkpoints: a directory every web process and worker reaches (a shared "
+                   "filesystem across machines). Default: --data-dir.")
+
+
+@hyperquest_group.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--db", "db_url", default=None, help="Database URL (default: sqlite in --data-dir; postgresql://... works).")
+@click.option("--db", "db_url", default=None,
+              help="Database URL (default: sqlite in --data-dir; postgresql://... puts the queue in PostgreSQL).")
 @click.option("--data-dir", default="hyperquest", show_default=True, type=click.Path(file_okay=False),
-              help="Checkpoints, cached data sets and the cookie secret.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Training processes.")
+              help="The cookie secret and admin token (and the SQLite database).")
+@click.option("--artifacts", default=None, type=click.Path(file_okay=False), help=_ARTIFACTS_HELP)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="This server's own training processes.")
+@click.option("--no-local-workers", is_flag=True,
+              help="Train nothing here: `detseg hyperquest worker` processes do (PostgreSQL only). Several such "
+                   "web processes may serve one --host/--port.")
 @click.option("--epoch-limit", default=20, show_default=True, type=click.IntRange(1, 200))
 @click.option("--dataset-pool", default=20, show_default=True, type=click.IntRange(1, 100000),
               help="How many different data sets trials draw from.")
@@ -262,17 +288,43 @@ def bench_command(study, out, quick, only) -> None:
                    "DATA_DIR/admin.token, made on first start; never printed).")
 @click.option("--roster", default=None, type=click.Path(dir_okay=False),
               help="CSV of player id, name (header row allowed): only these players may log in.")
-def hyperquest_command(host, port, db_url, data_dir, workers, epoch_limit, dataset_pool, admin_token,
-                       roster) -> None:
-    """Run HyperQuest, the hyperparameter game, as a web server (needs the extra: pip install 'detseg[hyperquest]')."""
+def hyperquest_serve_command(host, port, db_url, data_dir, artifacts, workers, no_local_workers, epoch_limit,
+                             dataset_pool, admin_token, roster) -> None:
+    """Run the HyperQuest web server."""
     from .hyperquest import Settings, require_web_extra
+    from .hyperquest.db import is_postgresql
 
     require_web_extra()
     from .hyperquest.app import serve
 
-    settings = Settings.create(db_url, data_dir, workers=workers, epoch_limit=epoch_limit,
-                               dataset_pool=dataset_pool, admin_token=admin_token or "", roster=roster)
+    if no_local_workers and not is_postgresql(db_url or ""):
+        raise click.UsageError("--no-local-workers needs --db postgresql://...: with SQLite the queue lives in this "
+                               "server, so nothing else could train its epochs")
+    settings = Settings.create(db_url, data_dir, workers=workers, epoch_limit=epoch_limit, artifacts=artifacts,
+                               dataset_pool=dataset_pool, admin_token=admin_token or "", roster=roster,
+                               local_workers=not no_local_workers)
     serve(settings, host=host, port=port)
+
+
+@hyperquest_group.command("worker")
+@click.option("--db", "db_url", required=True, help="The game's PostgreSQL database (postgresql://...).")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes, each training one epoch at a time on one thread.")
+@click.option("--artifacts", default="hyperquest", show_default=True, type=click.Path(file_okay=False),
+              help="The web servers' artifact store (their --artifacts, or --data-dir), as this machine reaches it.")
+def hyperquest_worker_command(db_url, processes, artifacts) -> None:
+    """Train HyperQuest's epochs, baselines and data sets from the PostgreSQL queue, until SIGTERM / Ctrl+C."""
+    from .hyperquest import require_web_extra
+    from .hyperquest.db import check_connection, is_postgresql
+
+    require_web_extra("procrastinate")
+    if not is_postgresql(db_url):
+        raise click.UsageError(f"--db {db_url}: workers share a PostgreSQL queue; an SQLite server trains with its "
+                               "own --workers")
+    check_connection(db_url)
+    from .hyperquest.workers import run_supervisor
+
+    run_supervisor(db_url, artifacts, processes)
 
 
 @main.command("export")

@@ -52,6 +52,7 @@ from .game import Forbidden, Game, GameError
 from .limits import LoginGuard
 from .settings import Settings, limits
 from .views import to_csv
+from ..errors import ConfigError
 
 STATIC = Path(__file__).parent / "static"
 SESSION_DAYS = 14
@@ -261,17 +262,45 @@ def create_app(settings: Settings, game: Game | None = None) -> FastAPI:
     return app
 
 
+def listening_socket(host: str, port: int, shared: bool):
+    """The server's socket; ``shared``: with SO_REUSEPORT, so that several web processes (``serve --db
+    postgresql://... --no-local-workers`` each) listen on one address and the kernel spreads connections."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared and hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server (the ``detseg hyperquest`` command) until interrupted."""
+    """Run the server (``detseg hyperquest serve``) until interrupted."""
     import uvicorn
     from sqlalchemy.engine import make_url
 
-    from .db import check_connection
+    from .db import check_connection, is_postgresql
 
     check_connection(settings.db_url)
+    shared = is_postgresql(settings.db_url)
+    try:
+        sock = listening_socket(host, port, shared)
+    except OSError as error:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
     database = make_url(settings.db_url).render_as_string(hide_password=True)
-    print(f"HyperQuest on http://{host}:{port}/  (database {database}, data in {settings.data_dir})",
-          flush=True)
+    print(f"HyperQuest on http://{host}:{port}/  (database {database}, data in {settings.data_dir}, "
+          f"artifacts in {settings.artifacts})", flush=True)
+    if not shared:
+        print(f"queue: in this server, {settings.workers} training process(es)", flush=True)
+    elif settings.local_workers:
+        print(f"queue: PostgreSQL (procrastinate), {settings.workers} training process(es) of this server; "
+              "more with `detseg hyperquest worker`", flush=True)
+    else:
+        print("queue: PostgreSQL (procrastinate), no training here: run `detseg hyperquest worker --db URL`",
+              flush=True)
     # Never the token itself: the console ends up in scrollback and service logs.
     where = (f"the token is in {settings.admin_token_file}" if settings.admin_token_file
              else "the token given by --admin-token / DETSEG_HYPERQUEST_ADMIN_TOKEN")
@@ -279,4 +308,5 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None
         print(f"only the {len(settings.roster_players)} players of {settings.roster} may log in", flush=True)
     print(f"research export: http://{host}:{port}/admin/export with 'Authorization: Bearer TOKEN' ({where})",
           flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    server.run(sockets=[sock])

@@ -82,6 +82,11 @@ def ensure_schema(url: str) -> None:
             connection.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
 
 
+def job_fields(work: dict, waiting_in_lane: int) -> dict:
+    """The procrastinate job options of ``work`` whose lane has ``waiting_in_lane`` jobs waiting already."""
+    return {"lock": work["lane"], "queueing_lock": work["key"], "priority": -int(waiting_in_lane)}
+
+
 class PostgresQueue:
     """The game's face of procrastinate's queue (see the module docstring); ``workers`` local worker processes
     (or threads, ``mode='thread'``, for tests) start with it unless ``workers`` is 0."""
@@ -114,12 +119,10 @@ class PostgresQueue:
 
     def defer(self, session, work: dict) -> None:
         """Queue ``work`` in ``session``'s transaction (nothing if the same work, by key, already waits)."""
-        waiting = session.scalar(WAITING_IN_LANE, {"lane": work["lane"]})
+        fields = job_fields(work, session.scalar(WAITING_IN_LANE, {"lane": work["lane"]}))
         try:
             with session.begin_nested():           # a savepoint: a duplicate key must not undo the game's write
-                session.execute(DEFER, {"queue": QUEUE, "task": TASK, "priority": -int(waiting),
-                                        "lock": work["lane"], "queueing_lock": work["key"],
-                                        "args": json.dumps({"work": work})})
+                session.execute(DEFER, {"queue": QUEUE, "task": TASK, **fields, "args": json.dumps({"work": work})})
         except IntegrityError:
             log.info("%s is queued already", work["key"])
 

@@ -30,15 +30,19 @@ RESTART_DELAY_S = 1.0
 PR_SET_PDEATHSIG = 1
 
 
-def make_app(db_url: str, artifacts: str):
-    """A procrastinate app whose work task trains and records results in the game's database."""
+def make_app(db_url: str, artifacts: str, connector=None, context: outcomes.Context | None = None):
+    """A procrastinate app whose work task trains and records results in the game's database.
+
+    ``connector`` and ``context`` default to PostgreSQL at ``db_url`` for both the queue and the game; the fast
+    tests give procrastinate's in-memory connector and an SQLite game instead.
+    """
     from procrastinate import App, PsycopgConnector, RetryStrategy
     from sqlalchemy.exc import InterfaceError, OperationalError
 
     from .db import Database
 
-    app = App(connector=PsycopgConnector(conninfo=conninfo(db_url), min_size=1, max_size=3))
-    context = outcomes.Context(Database(db_url), PostgresQueue(db_url, artifacts), Path(artifacts))
+    app = App(connector=connector or PsycopgConnector(conninfo=conninfo(db_url), min_size=1, max_size=3))
+    context = context or outcomes.Context(Database(db_url), PostgresQueue(db_url, artifacts), Path(artifacts))
     # A database that goes away while a result is being written: the job is tried again once it is back.
     database_down = RetryStrategy(max_attempts=30, wait=2, retry_exceptions={OperationalError, InterfaceError})
 
@@ -185,3 +189,23 @@ class Supervisor:
             pass
         finally:
             loop.close()
+
+
+def run_supervisor(db_url: str, artifacts: str, processes: int) -> None:
+    """The ``detseg hyperquest worker`` command: ``processes`` workers until SIGTERM or Ctrl+C."""
+    from sqlalchemy.engine import make_url
+
+    from .pgqueue import ensure_schema
+
+    ensure_schema(db_url)
+    artifacts = str(Path(artifacts).resolve())
+    supervisor = Supervisor(db_url, artifacts, processes)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: supervisor._stop.set())
+    supervisor.start()
+    database = make_url(db_url).render_as_string(hide_password=True)
+    print(f"HyperQuest: {processes} worker process(es) on {database}, artifacts in {artifacts}; "
+          "SIGTERM or Ctrl+C stops them", flush=True)
+    supervisor.wait()
+    supervisor.stop()
+    print(f"stopped ({supervisor.restarts} worker restart(s))", flush=True)
