@@ -239,12 +239,24 @@ def predict_command(checkpoint, paths, out, device, batch_size, workers, conf, m
 @click.option("--out", default=None, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="Smaller settings for a fast look.")
 @click.option("--only", default=None, help="Comma-separated parts of the study to run (detectors: row names or "
-                                           "'sweeps'); the other rows of an earlier results.json are kept.")
-def bench_command(study, out, quick, only) -> None:
+                                           "'sweeps'; hyperquest: epoch, load, scaling, faults); the other rows of "
+                                           "an earlier results.json are kept.")
+@click.option("--players", default=None, type=click.IntRange(1, 2000), help="hyperquest: simulated players.")
+@click.option("--minutes", default=None, type=click.FloatRange(0.1, 600), help="hyperquest: minutes of play.")
+@click.option("--web-processes", default=None, type=click.IntRange(1, 32), help="hyperquest: web processes "
+              "(PostgreSQL; default 2).")
+@click.option("--worker-processes", default=None, type=click.IntRange(1, 64), help="hyperquest: worker processes "
+              "(default 2).")
+@click.option("--db", "db_url", default=None, help="hyperquest: a PostgreSQL database to run in (the bench works "
+                                                    "in a scratch schema it drops after); default: SQLite.")
+def bench_command(study, out, quick, only, players, minutes, web_processes, worker_processes, db_url) -> None:
     """Run a benchmark STUDY and write report.md, plots and results.json."""
     from .bench import run_study
 
-    run_study(study, out=out, quick=quick, only=only)
+    options = {"players": players, "minutes": minutes, "web_processes": web_processes,
+               "worker_processes": worker_processes, "db": db_url}
+    run_study(study, out=out, quick=quick, only=only,
+              **{name: value for name, value in options.items() if value is not None})
 
 
 class _ServeByDefault(click.Group):

@@ -178,7 +178,7 @@ def test_bench_hyperquest_without_the_extra_is_one_line_and_exit_2(cli, monkeypa
         raise AssertionError("the benchmark started without the web extra")
 
     monkeypatch.setattr(bench, "epoch_timing", must_not_run)
-    monkeypatch.setattr(bench, "many_players", must_not_run)
+    monkeypatch.setattr(bench, "load_run", must_not_run)
     monkeypatch.setitem(sys.modules, "fastapi", None)
     _one_line_error(cli("bench", "hyperquest", "--out", tmp_path / "bench"), "pip install 'detseg[hyperquest]'",
                     "fastapi")

@@ -33,13 +33,13 @@ def test_without_a_token_one_is_kept_in_a_private_file_and_never_printed(tmp_pat
     import uvicorn
 
     monkeypatch.delenv("DETSEG_HYPERQUEST_ADMIN_TOKEN", raising=False)
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)      # start-up output only, no server
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *args, **kwargs: None)   # start-up output only, no server
     settings = make_settings(tmp_path, admin_token="")
     token_file = tmp_path / "admin.token"
     assert settings.admin_token_file == token_file
     assert token_file.read_text() == settings.admin_token and len(settings.admin_token) >= 32
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    serve(settings)
+    serve(settings, port=0)                                                  # any free port
     printed = capsys.readouterr()
     assert str(token_file) in printed.out
     assert settings.admin_token not in printed.out + printed.err

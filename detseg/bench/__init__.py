@@ -26,13 +26,21 @@ STUDIES = {
 }
 
 
-def run_study(study: str, out: str | Path | None = None, quick: bool = False, only: str | None = None) -> dict:
-    """Run ``study`` into ``out`` (default bench/STUDY). ``only`` (studies that take it) runs part of it."""
+def run_study(study: str, out: str | Path | None = None, quick: bool = False, only: str | None = None,
+              **options) -> dict:
+    """Run ``study`` into ``out`` (default bench/STUDY). ``only`` (studies that take it) runs part of it; ``options``
+    are a study's own settings (hyperquest: players, minutes, web_processes, worker_processes, db)."""
     if study not in STUDIES:
         raise ConfigError(f"unknown study '{study}'; available: {', '.join(sorted(STUDIES))}")
     module = importlib.import_module(STUDIES[study])
-    if only and "only" not in inspect.signature(module.run).parameters:
+    accepted = inspect.signature(module.run).parameters
+    if only and "only" not in accepted:
         raise ConfigError(f"--only: the {study} study always runs whole")
+    for name in options:
+        if name not in accepted:
+            raise ConfigError(f"--{name.replace('_', '-')}: not an option of the {study} study")
     out_dir = Path(out) if out is not None else Path("bench") / study
     out_dir.mkdir(parents=True, exist_ok=True)
-    return module.run(out_dir, quick, only=only) if only else module.run(out_dir, quick)
+    if only:
+        options["only"] = only
+    return module.run(out_dir, quick, **options)

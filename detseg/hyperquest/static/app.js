@@ -27,7 +27,13 @@ async function api(method, path, body) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }
-  const response = await fetch(path, options);
+  let response = await fetch(path, options);
+  // 503: the database is restarting and nothing was changed, so the same request is safe to send again.
+  for (let tries = 0; response.status === 503 && tries < 5; tries++) {
+    const wait = Math.min(10, Number(response.headers.get("Retry-After")) || 2);
+    await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+    response = await fetch(path, options);
+  }
   const data = await response.json().catch(() => ({}));
   if (!response.ok) throw new ApiError(response.status, describeError(data.detail));
   return data;
@@ -154,7 +160,8 @@ async function openTrial(id) {
 function stateText(trial) {
   switch (trial.state) {
     case "preparing": return "generating the data set…";
-    case "queued": return trial.queue_ahead ? `queued (${trial.queue_ahead} ahead of you)` : "queued";
+    case "queued": return trial.queue_ahead ? `queued (${trial.queue_ahead} ahead of you)`
+      : trial.queue_ahead === 0 ? "queued (you are next)" : "queued";
     case "running": return `training epoch ${trial.epoch + 1}…`;
     case "ready": return trial.epoch === 0 ? "ready to train" : `epoch ${trial.epoch} of ${trial.epoch_limit}`;
     case "diverged": return `epoch ${trial.epoch}: diverged (NaN/inf loss) — revert or stop`;
