@@ -7,7 +7,7 @@ so the bench never touches the tables already there.
 
 Players (threads, each its own session) act like people: log in, answer the survey, start a trial, then train,
 change the learning rate, grow, revert and stop, thinking 2-5 s between actions, and polling a busy trial as often as
-the page does (0.8 s). A 503 (database restarting) or a broken connection (web process killed) is retried as the
+the page does (0.8 s, slower the further back its epoch waits: :func:`poll_delay`). A 503 (database restarting) or a broken connection (web process killed) is retried as the
 page does. When time is up players stop acting and the bench waits for the queue to empty (their last epochs and
 every baseline), then reconciles what players were told with the research export: lost actions (accepted, not
 recorded), epochs (each accepted epoch done exactly once), baselines (computed for every data set played).
@@ -30,7 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BUSY = ("preparing", "queued", "running")
-POLL_S = 0.8
+POLL_S, POLL_MAX_S = 0.8, 5.0
+
+
+def poll_delay(trial: dict) -> float:
+    """The page's poll interval (app.js ``pollDelay``): 0.8 s when next or running, longer the more are ahead."""
+    return min(POLL_MAX_S, POLL_S * (1 + max(0, trial.get("queue_ahead") or 0) / 2))
 THINK_S = (2.0, 5.0)
 TOKEN = "bench-token"
 
@@ -109,7 +114,7 @@ def _play_until(url: str, index: int, deadline: float, tally: Tally, rng: random
 
         def settle(trial):
             while trial["state"] in BUSY:
-                time.sleep(POLL_S)
+                time.sleep(poll_delay(trial))
                 response = call("GET", f"/api/trials/{trial['id']}")
                 if response is not None and response.status_code == 200:
                     trial = response.json()

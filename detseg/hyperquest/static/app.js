@@ -6,6 +6,12 @@ const $ = (id) => document.getElementById(id);
 const VIEWS = ["login-view", "survey-view", "home-view", "trial-view", "leaderboard-view"];
 const BUSY = new Set(["preparing", "queued", "running"]);
 const POLL_MS = 800;
+// While an epoch waits far back in the queue, its place changes slowly: poll less often the more players are ahead
+// (0.8 s when next or running, up to 5 s), so a full class waiting does not flood the server with polls.
+const POLL_MAX_MS = 5000;
+function pollDelay(trial) {
+  return Math.min(POLL_MAX_MS, POLL_MS * (1 + Math.max(0, trial.queue_ahead || 0) / 2));
+}
 const app = { me: null, limits: null, trial: null, pollTimer: null, formFilledFor: null };
 
 // ---- talking to the server ---------------------------------------------------------------------------------
@@ -293,7 +299,7 @@ function renderTrial(trial) {
   renderPlots(trial);
   renderFinal(trial);
   clearTimeout(app.pollTimer);
-  if (BUSY.has(trial.state)) app.pollTimer = setTimeout(() => poll(trial.id), POLL_MS);
+  if (BUSY.has(trial.state)) app.pollTimer = setTimeout(() => poll(trial.id), pollDelay(trial));
   else if (trial.baselines && baselinesPending(trial.baselines)) {   // they fill in while others play
     app.pollTimer = setTimeout(() => poll(trial.id), 5 * POLL_MS);
   }
