@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from detseg.bench.hyperquest_load import child_pids
 from detseg.hyperquest import jobs, outcomes, schemas, work as pieces
 from detseg.hyperquest.db import Trial
 from detseg.hyperquest.game import Game
@@ -167,18 +168,6 @@ def test_a_worker_thread_retries_a_dead_workers_epoch_on_postgresql(tmp_path, po
     assert len([row for row in game.export("checkpoints") if row["kind"] == "epoch"]) == 1
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
-
-
 def _gone(pids: list[int]) -> bool:
     for pid in pids:
         try:
@@ -197,7 +186,7 @@ def test_worker_processes_never_outlive_their_supervisor_by_5_s(tmp_path, postgr
                "--artifacts", str(tmp_path)]
     supervisor = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        children = wait_until(lambda: len(found := _children(supervisor.pid)) >= 2 and found, timeout=60)
+        children = wait_until(lambda: len(found := child_pids(supervisor.pid)) >= 2 and found, timeout=60)
         database = Game(make_settings(tmp_path / "web", postgres, local_workers=False))
         wait_until(lambda: database.status()["workers"] >= 2, timeout=60)         # they really run
         supervisor.send_signal(getattr(signal, how))

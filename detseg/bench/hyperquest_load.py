@@ -233,7 +233,7 @@ class Cluster:
 
     # ---- faults -------------------------------------------------------------------------------------------------
     def kill_a_worker(self) -> str:
-        children = _children(self.worker.pid) if self.worker else []
+        children = child_pids(self.worker.pid) if self.worker else []
         if not children:
             return "no worker process to kill"
         os.kill(children[0], signal.SIGKILL)
@@ -308,7 +308,8 @@ def _restart_command(url: str) -> list[str] | None:
     return None
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The process IDs whose parent is ``pid`` (from /proc)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
