@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+
+from detseg.bench.hyperquest_load import free_port
 
 from .hyperquest_support import skip_unless_present, wait_until
 
@@ -25,16 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = skip_unless_present(Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
     """``detseg hyperquest`` in its own process (worker processes and all), tiny data sets, one data set."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DETSEG_HYPERQUEST_TINY": "1", "DETSEG_HYPERQUEST_ADMIN_TOKEN": "browser-test"}
     log = open(tmp_path / "server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "detseg.cli", "hyperquest", "--port", str(port),

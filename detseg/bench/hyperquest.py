@@ -26,7 +26,7 @@ import torch
 from ..hyperquest import require_web_extra
 from ..hyperquest.jobs import epoch_job
 from ..hyperquest.settings import DEFAULT_HPARAMS, DEFAULT_NETWORK
-from ..hyperquest.tasks import cache_path, pool_spec, prepare_dataset
+from ..hyperquest.tasks import prepare_dataset
 from ..errors import ConfigError
 from ..io import read_json, write_json, write_text
 from .hyperquest_load import load_run

@@ -7,8 +7,8 @@ so the bench never touches the tables already there.
 
 Players (threads, each its own session) act like people: log in, answer the survey, start a trial, then train,
 change the learning rate, grow, revert and stop, thinking 2-5 s between actions, and polling a busy trial as often as
-the page does (0.8 s, slower the further back its epoch waits: :func:`poll_delay`). A 503 (database restarting) or a broken connection (web process killed) is retried as the
-page does. When time is up players stop acting and the bench waits for the queue to empty (their last epochs and
+the page does (0.8 s, slower the further back its epoch waits: :func:`poll_delay`). A 503 (database restarting) or a
+broken connection (web process killed) is retried as the page does. When time is up players stop acting and the bench waits for the queue to empty (their last epochs and
 every baseline), then reconciles what players were told with the research export: lost actions (accepted, not
 recorded), epochs (each accepted epoch done exactly once), baselines (computed for every data set played).
 """
@@ -29,15 +29,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..hyperquest.settings import Settings
+
 BUSY = ("preparing", "queued", "running")
 POLL_S, POLL_MAX_S = 0.8, 5.0
+THINK_S = (2.0, 5.0)
+TOKEN = "bench-token"
+# The server's own defaults (the bench runs `hyperquest serve` without overriding them).
+DEFAULTS = Settings(db_url="", data_dir=Path("."))
 
 
 def poll_delay(trial: dict) -> float:
     """The page's poll interval (app.js ``pollDelay``): 0.8 s when next or running, longer the more are ahead."""
     return min(POLL_MAX_S, POLL_S * (1 + max(0, trial.get("queue_ahead") or 0) / 2))
-THINK_S = (2.0, 5.0)
-TOKEN = "bench-token"
 
 
 @dataclass
@@ -203,7 +207,7 @@ class Cluster:
 
     def start(self) -> None:
         if self.db_url:
-            _create_schema(self.base_url, self.schema)
+            _execute(self.base_url, f"CREATE SCHEMA {self.schema}")
         for index in range(self.web_count if self.db_url else 1):
             self.web.append(self._spawn(f"web{index}", self._serve_args()))
             if index == 0:                   # the first one creates the tables; the others find them
@@ -254,12 +258,13 @@ class Cluster:
         return " ".join(command)
 
     def stop(self) -> None:
-        for process in [*self.web, *([self.worker] if self.worker else [])]:
+        processes = [*self.web, *([self.worker] if self.worker else [])]
+        for process in processes:
             try:
                 os.killpg(process.pid, signal.SIGTERM)
             except ProcessLookupError:
                 continue
-        for process in [*self.web, *([self.worker] if self.worker else [])]:
+        for process in processes:
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
@@ -268,7 +273,7 @@ class Cluster:
         for log in self.logs:
             log.close()
         if self.db_url:
-            _drop_schema(self.base_url, self.schema)
+            _execute(self.base_url, f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
 
 
 def _with_schema(url: str, schema: str) -> str:
@@ -276,22 +281,14 @@ def _with_schema(url: str, schema: str) -> str:
     return f"{url}{separator}options=-csearch_path%3D{schema}"
 
 
-def _create_schema(url: str, schema: str) -> None:
+def _execute(url: str, statement: str) -> None:
+    """One statement on its own autocommit connection (the scratch schema's CREATE and DROP)."""
     import psycopg
 
     from ..hyperquest.pgqueue import conninfo
 
     with psycopg.connect(conninfo(url), autocommit=True) as connection:
-        connection.execute(f"CREATE SCHEMA {schema}")
-
-
-def _drop_schema(url: str, schema: str) -> None:
-    import psycopg
-
-    from ..hyperquest.pgqueue import conninfo
-
-    with psycopg.connect(conninfo(url), autocommit=True) as connection:
-        connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        connection.execute(statement)
 
 
 def _restart_command(url: str) -> list[str] | None:
@@ -338,7 +335,7 @@ def load_run(work_dir: Path, players: int, seconds: float, db_url: str | None, w
     work_dir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(work_dir, db_url, web, workers, pool, epoch_limit)
     for index in range(pool):                # generate the pool first: the load test is about playing
-        spec = pool_spec(0, index, (5000, 10000), (1000, 2000))
+        spec = pool_spec(DEFAULTS.pool_seed, index, DEFAULTS.train_range, DEFAULTS.val_range)
         prepare_dataset(spec, str(cache_path(cluster.data_dir, index, spec)))
     events: list[dict] = []
     cluster.start()
@@ -417,7 +414,6 @@ def reconcile(tally: Tally, export: dict) -> dict:
     waits = [(datetime.fromisoformat(a["started_at"]) - datetime.fromisoformat(a["created_at"])).total_seconds()
              for a in done if a["started_at"]]
     ready = [d for d in export["datasets"] if d["state"] == "ready"]
-    draws = 5
     api = [value for kind, values in tally.latency.items() if kind != "page" for value in values]
     return {
         "requests": sum(tally.status.values()), "status_counts": dict(sorted(tally.status.items())),
@@ -427,7 +423,7 @@ def reconcile(tally: Tally, export: dict) -> dict:
         "lost_actions": lost, "epochs_accepted": len(trains), "epochs_done": len(done),
         "epochs_not_done": len(trains) - len(done), "epochs_counted_exactly_once": once,
         "trials_finished": sum(t["state"] == "finished" for t in export["trials"]),
-        "baselines_done": len(export["baselines"]), "baselines_expected": len(ready) * (2 + draws),
+        "baselines_done": len(export["baselines"]), "baselines_expected": len(ready) * (2 + DEFAULTS.baseline_draws),
         "queue_wait_seconds": percentiles(waits), "api_latency_seconds": percentiles(api),
         "latency_seconds": {kind: percentiles(values) for kind, values in sorted(tally.latency.items())},
     }
