@@ -81,7 +81,7 @@ def train(model_name: str, *, data: str | None = None, val: str | None = None, e
         if value is not None:
             overrides[key] = value
     run_dir = Path(out) if out is not None else None
-    base: dict[str, Any] = {}
+    base: dict[str, Any] | None = None     # a resumed run's saved config
     init_payload = None
     if init is not None:   # read now: a wrong path fails before any data is generated
         if resume:

@@ -25,6 +25,9 @@ class Option:
     min: float | None = None
     max: float | None = None
     kind: type | None = None  # the value's type; inferred from the default when None
+    # What a saved config written before this option existed meant (a new default that changes the weights' shapes
+    # must not rebuild an older checkpoint differently); None: the default.
+    before: Any = None
 
     @property
     def type(self) -> type:
@@ -125,8 +128,10 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
 
 def resolve(options: Mapping[str, Option], overrides: Mapping[str, Any] | None = None,
             base: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, then ``base`` (e.g. a saved config.yaml), then ``overrides``; every key and value checked."""
-    config = {key: opt.default for key, opt in options.items()}
+    """Defaults, then ``base`` (e.g. a saved config.yaml), then ``overrides``; every key and value checked. A key
+    missing from a given ``base`` takes its option's ``before`` value where it has one: that config predates it."""
+    config = {key: opt.default if base is None or key in base or opt.before is None else opt.before
+              for key, opt in options.items()}
     for source in (base or {}), (overrides or {}):
         for key, raw in source.items():
             if key not in options:

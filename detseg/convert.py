@@ -46,7 +46,7 @@ COMMON_KNOBS = {
 }
 MODELS = {
     "fasterrcnn_resnet50_fpn": ("det/faster_rcnn", {}),
-    "maskrcnn_resnet50_fpn": ("inst/mask_rcnn", {"masks": True, "keypoints": False,
+    "maskrcnn_resnet50_fpn": ("inst/mask_rcnn", {"masks": True, "keypoints": False, "mask_pixels": False,
                                                  "mask_channels": "256,256,256,256", "mask_pool_size": 14}),
     "keypointrcnn_resnet50_fpn": ("inst/mask_rcnn", {"masks": False, "keypoints": True,
                                                      "keypoint_channels": ",".join(["512"] * 8),

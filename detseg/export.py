@@ -202,15 +202,15 @@ class InstanceGraph(RegionGraph):
 
     def forward(self, images: torch.Tensor):
         boxes, scores, labels, features, batch = self.detect(images)
-        return (boxes, scores, labels) + instance_outputs(self.model, features, batch.input_size, boxes, labels)
+        return (boxes, scores, labels) + instance_outputs(self.model, features, batch, boxes, labels)
 
 
-def instance_outputs(model, features, input_size, boxes: torch.Tensor, labels: torch.Tensor) -> tuple:
+def instance_outputs(model, features, batch, boxes: torch.Tensor, labels: torch.Tensor) -> tuple:
     """The per-detection outputs of Mask R-CNN's heads at ``boxes`` (input pixels), as :class:`InstanceGraph`
     gives them."""
-    outputs = ()
+    outputs, input_size = (), batch.input_size
     if model.mask_head is not None:
-        logits = model.mask_head(features, [boxes], input_size)                             # (D, K+1, M, M)
+        logits = model.mask_head(features, [boxes], input_size, batch.normalized)            # (D, K+1, M, M)
         outputs += (logits[torch.arange(len(labels), device=labels.device), labels].sigmoid(),)
     if model.keypoint_head is not None:
         outputs += (model.keypoint_head(features, [boxes], input_size),)                   # (D, J, S, S)
@@ -230,7 +230,7 @@ def _instance_reference(model) -> Callable:
         features = model.backbone(batch.normalized)
         features = model.roi_head.per_image(features) if hasattr(model.roi_head, "per_image") else features
         return tuple(found[key] for key in DETECTION_OUTPUTS) + instance_outputs(
-            model, features, batch.input_size, found["boxes"], found["labels"])
+            model, features, batch, found["boxes"], found["labels"])
     return reference
 
 

@@ -275,3 +275,26 @@ def test_colour_skip_appends_cell_means_of_a_shallow_map_and_trains(source):
     losses = model(images, targets)
     sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_pixel_code_puts_the_regions_own_pixels_beside_its_code():
+    model, images, targets = tiny_densecap(pixel_code=3)
+    head_hidden = resolve(registry.get("cap/densecap").all_options())["head_hidden"]
+    assert model.captioner.project.in_features == head_hidden + 3 * 3 * 3
+    batch = model.transform.batch(images[:1])
+    features = model.roi_head.per_image(model.backbone(batch.normalized))
+    # A box of 3 x 3 pixel centres on a one-colour patch samples that colour: the last 27 numbers are the patch's.
+    batch.normalized[0, :, 10:30, 10:30] = torch.tensor([0.5, -1.0, 2.0])[:, None, None]
+    codes = model.caption_codes(features, batch, [torch.tensor([[12.0, 12.0, 24.0, 24.0]])])
+    pixels = codes[0, -27:].view(3, 3, 3)
+    assert torch.allclose(pixels, torch.tensor([0.5, -1.0, 2.0])[:, None, None].expand(3, 3, 3), atol=1e-6)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_a_checkpoint_saved_before_pixel_code_rebuilds_without_it():
+    options = registry.get("cap/densecap").all_options()
+    assert resolve(options)["pixel_code"] == 7                                   # a new run: the default
+    assert resolve(options, base={"beam": 1})["pixel_code"] == 0                 # a config that predates the knob
+    assert resolve(options, base={"pixel_code": 5})["pixel_code"] == 5

@@ -179,3 +179,27 @@ def test_bench_roialign_trains_the_three_runs_and_reports_them(tmp_path):
     assert "RoIAlign over RoIPool" in text and "| mask_rcnn_roipool |" in text
     pooled = torch.load(tmp_path / "runs" / "mask_rcnn_roipool" / "best.pt", weights_only=False)
     assert pooled["config"]["pool"] == "roi_pool"
+
+
+def test_mask_pixels_refines_the_masks_with_the_regions_pixels():
+    model, _ = tiny_mask_rcnn(mask_pixels="true")
+    head = model.mask_head
+    assert head.reads_pixels
+    images, targets = instance_batch([0, 1])
+    batch = model.transform.batch(images)
+    features = model.backbone(batch.normalized)
+    features = model.roi_head.per_image(features) if hasattr(model.roi_head, "per_image") else features
+    boxes = [target["boxes"][:2].float() for target in targets]
+    logits = head(features, boxes, batch.input_size, batch.normalized)
+    assert logits.shape[0] == sum(len(b) for b in boxes) and logits.shape[-1] == 2 * head.pooling.size
+    changed = batch.normalized.clone()
+    changed[:, :, :, :] += 1.0                                     # other pixels, same features: other masks
+    assert not torch.allclose(logits, head(features, boxes, batch.input_size, changed))
+    with pytest.raises(ValueError, match="normalised images"):
+        head(features, boxes, batch.input_size)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        assert "masks" in model(images)[0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import roi_align
 
 from ...config import Option
 from ...errors import ConfigError
@@ -42,6 +43,9 @@ CAPTION_OPTIONS = {
     "colour_skip": Option("none", "tiny backbone: append to its last map, average-pooled to its cells, the image "
                                   "(image: 3 channels) or the stem's map (stem: its channels) - a hypercolumn; deep "
                                   "class-agnostic features keep shape, not colour", choices=("none", "image", "stem")),
+    "pixel_code": Option(7, "captioner: also read the region's own pixels, RoIAlign'd from the normalised image to "
+                            "k x k (3 k^2 numbers beside the region code; 0 = off: DenseCap's code only) - the "
+                            "region's colours, which class-agnostic deep features drop", min=0, max=16, before=0),
     "caption_dropout": Option(0.0, "captioner: dropout before the word classifier", min=0, max=0.9),
     "beam": Option(1, "test-time captions: 1 = greedy, > 1 = beam search of this width", min=1, max=20),
     "caption_loss_weight": Option(1.0, "weight of the caption cross-entropy", min=0),
@@ -86,17 +90,27 @@ class DenseCap(RegionDetector):
     """
 
     def __init__(self, *args, captioner: LSTMCaptioner, vocabulary: Vocabulary, beam: int = 1,
-                 captions_per_image: int = 32, **kwargs):
+                 captions_per_image: int = 32, pixel_code: int = 0, **kwargs):
         super().__init__(2, *args, **kwargs)
         self.captioner, self.vocabulary = captioner, vocabulary
-        self.beam, self.captions_per_image = beam, captions_per_image
+        self.beam, self.captions_per_image, self.pixel_code = beam, captions_per_image, pixel_code
+
+    def caption_codes(self, features, batch, rois: list[torch.Tensor]) -> torch.Tensor:
+        """What the captioner reads per region: the recognition network's code, and with ``pixel_code`` = k the
+        region's k x k bilinear samples of the normalised image beside it: ``(R, hidden [+ 3 k^2])``."""
+        codes = self.roi_head.codes(features, rois, batch.input_size)                       # (R, hidden)
+        if not self.pixel_code:
+            return codes
+        pixels = roi_align(batch.normalized, [r.to(codes.dtype) for r in rois], self.pixel_code,
+                           spatial_scale=1.0, sampling_ratio=2, aligned=True)                  # (R, 3, k, k)
+        return torch.cat([codes, pixels.flatten(1)], dim=1)
 
     def training_losses(self, images, targets: list[dict]) -> dict[str, torch.Tensor]:
         # Every annotated region is one class, "something to describe"; what it is goes into the caption.
         agnostic = [{**target, "labels": torch.ones_like(target["labels"])} for target in targets]
         return super().training_losses(images, agnostic)
 
-    def region_losses(self, features, input_size, targets, rois, labels, matches) -> dict[str, torch.Tensor]:
+    def region_losses(self, features, batch, targets, rois, labels, matches) -> dict[str, torch.Tensor]:
         """Caption cross-entropy of the positive RoIs (at most ``captions_per_image`` each image) whose object
         has a caption."""
         chosen_rois, captions = [], []
@@ -107,14 +121,13 @@ class DenseCap(RegionDetector):
                     if texts[int(image_matches[i])]][:self.captions_per_image]
             chosen_rois.append(image_rois[keep])
             captions += [texts[int(image_matches[i])] for i in keep]
-        codes = self.roi_head.codes(features, chosen_rois, input_size)                       # (P, D)
+        codes = self.caption_codes(features, batch, chosen_rois)                             # (P, D)
         words = self.vocabulary.targets(captions, device=codes.device)                      # (P, L+1)
         return {"caption": self.captioner.loss(codes, words)}
 
-    def region_outputs(self, features, input_size, detections: list[dict]) -> None:
+    def region_outputs(self, features, batch, detections: list[dict]) -> None:
         """A caption for every detection, from the code of its refined box."""
-        boxes = [found["boxes"] for found in detections]
-        codes = self.roi_head.codes(features, boxes, input_size)                            # (D, hidden)
+        codes = self.caption_codes(features, batch, [found["boxes"] for found in detections])   # (D, code)
         ids = self.captioner.generate(codes, self.vocabulary.max_length, self.beam)        # (D, L+1)
         sentences = [self.vocabulary.decode(row) for row in ids.tolist()]
         start = 0
@@ -134,8 +147,9 @@ def build(config: dict, info: dict) -> DenseCap:
     weights["caption"] = config["caption_loss_weight"]
     roi_head = build_roi_pool_head(config, backbone, 2)
     vocabulary = Vocabulary.from_info(info["vocabulary"])
-    captioner = LSTMCaptioner(config["head_hidden"], len(vocabulary), config["embed_size"], config["lstm_hidden"],
-                              config["caption_dropout"], config.get("condition", "first"))
+    pixel_code = config["pixel_code"]
+    captioner = LSTMCaptioner(config["head_hidden"] + 3 * pixel_code ** 2, len(vocabulary), config["embed_size"],
+                              config["lstm_hidden"], config["caption_dropout"], config.get("condition", "first"))
     return DenseCap(build_rpn(config, backbone.out_channels), roi_head, backbone, sampling, postprocess, weights,
                     transform=detector_transform(config, info), captioner=captioner, vocabulary=vocabulary,
-                    beam=config["beam"], captions_per_image=config["captions_per_image"])
+                    beam=config["beam"], captions_per_image=config["captions_per_image"], pixel_code=pixel_code)

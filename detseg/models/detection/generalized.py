@@ -44,7 +44,7 @@ from torch import nn
 
 from ...ops.boxes import Matcher, assign_targets, clip_and_filter, decode_box_deltas, encode_box_deltas, \
     sample_balanced
-from ..base import DetsegModel, Images, ImageTransform
+from ..base import Batch, DetsegModel, Images, ImageTransform
 
 # Fast R-CNN's scaling of the four delta targets: centre shifts are small numbers, so they are blown up 10x (and
 # log-size ratios 5x) to give the regression loss comparable magnitudes on all four.
@@ -182,16 +182,17 @@ class RegionDetector(DetsegModel):
         rois, labels, delta_targets, matches = self.sample_rois(proposals, targets, with_matches=True)
         logits, deltas = self.roi_head(head_input, rois, batch.input_size)
         losses = {**proposal_losses, **fast_rcnn_loss(logits, deltas, labels, delta_targets),
-                  **self.region_losses(head_input, batch.input_size, targets, rois, labels, matches)}
+                  **self.region_losses(head_input, batch, targets, rois, labels, matches)}
         return {name: value * self.loss_weights.get(name, 1.0) for name, value in losses.items()}
 
-    def region_losses(self, features, input_size: tuple[int, int], targets: list[dict], rois: list[torch.Tensor],
+    def region_losses(self, features, batch: Batch, targets: list[dict], rois: list[torch.Tensor],
                       labels: torch.Tensor, matches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Losses of heads that run beside the box head on the same sampled RoIs (Mask R-CNN's masks and joints):
-        ``labels`` (R,) as the box head's, ``matches`` per image the ground-truth index of each RoI. None here."""
+        ``batch`` the preprocessed input (its ``input_size``, the ``normalized`` images), ``labels`` (R,) as the box
+        head's, ``matches`` per image the ground-truth index of each RoI. None here."""
         return {}
 
-    def region_outputs(self, features, input_size: tuple[int, int], detections: list[dict]) -> None:
+    def region_outputs(self, features, batch: Batch, detections: list[dict]) -> None:
         """Per-detection outputs of heads behind the box head, added to ``detections`` (boxes still in input
         pixels; a ``keypoints`` entry is mapped back to the image with the boxes). Nothing here."""
 
@@ -200,7 +201,7 @@ class RegionDetector(DetsegModel):
         with self._stage("per_region"):
             logits, deltas = self.roi_head(head_input, proposals, batch.input_size)
             detections = self.detections(logits, deltas, proposals, batch.image_sizes)
-            self.region_outputs(head_input, batch.input_size, detections)
+            self.region_outputs(head_input, batch, detections)
         for index, found in enumerate(detections):
             if batch.resized(index):
                 original, resized = batch.original_sizes[index], batch.image_sizes[index]

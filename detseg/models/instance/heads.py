@@ -59,23 +59,45 @@ class RegionPooling(nn.Module):
 
 
 class MaskHead(nn.Module):
-    """``(features, [(R_i, 4)]) -> (R, K+1, 2 s, 2 s)`` mask logits, one map per class (s = the pooled size)."""
+    """``(features, [(R_i, 4)]) -> (R, K+1, 2 s, 2 s)`` mask logits, one map per class (s = the pooled size).
+
+    ``pixels=True`` adds a refinement step before the logits: the region's own pixels, RoIAlign'd from the
+    normalised image to the mask's 2 s x 2 s grid, are concatenated to the upsampled features and one 3 x 3
+    convolution reads both - a hypercolumn (Hariharan et al.) whose finest level is the image itself. A stride-8 map
+    sampled at 14 x 14 over a 40 px person holds its limbs as a blur of five cells; the pixels still show them.
+    The forward pass then needs ``images`` (the normalised batch the features came from)."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (256, 256, 256, 256),
-                 pool_size: int = 14, pool: str = "roi_align", fpn_levels: tuple[str, ...] | None = None):
+                 pool_size: int = 14, pool: str = "roi_align", fpn_levels: tuple[str, ...] | None = None,
+                 pixels: bool = False):
         super().__init__()
         self.pooling = RegionPooling(pool_size, pool, fpn_levels)
         self.convs = conv_stack(in_channels, channels)
         width = channels[-1] if channels else in_channels
         self.upsample = nn.ConvTranspose2d(width, width, 2, stride=2)                 # 14 x 14 -> 28 x 28
+        self.refine = conv_stack(width + 3, (width,)) if pixels else None
+        self.mask_size = 2 * pool_size                                                 # a plain int: traceable
         self.logits = nn.Conv2d(width, num_classes, 1)
         for layer in (self.upsample, self.logits):
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(layer.bias)
 
-    def forward(self, features, rois: list[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+    @property
+    def reads_pixels(self) -> bool:
+        return self.refine is not None
+
+    def forward(self, features, rois: list[torch.Tensor], image_size: tuple[int, int],
+                images: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.convs(self.pooling(features, rois, image_size))                      # (R, c, s, s)
-        return self.logits(F.relu(self.upsample(hidden)))                                   # (R, K+1, 2s, 2s)
+        hidden = F.relu(self.upsample(hidden))                                              # (R, c, 2s, 2s)
+        if self.refine is not None:
+            if images is None:
+                raise ValueError("MaskHead(pixels=True) needs the normalised images")
+            # On the grid of the mask targets (:func:`mask_targets`: box corners on pixel centres).
+            pixels = roi_align(images, [r.to(images.dtype) for r in rois], self.mask_size, spatial_scale=1.0,
+                               sampling_ratio=2, aligned=False)                                # (R, 3, 2s, 2s)
+            hidden = self.refine(torch.cat([hidden, pixels], dim=1))                       # (R, c, 2s, 2s)
+        return self.logits(hidden)                                                          # (R, K+1, 2s, 2s)
 
 
 class KeypointHead(nn.Module):

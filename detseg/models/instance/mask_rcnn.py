@@ -38,6 +38,9 @@ INSTANCE_OPTIONS = {
     "keypoints": Option(True, "a keypoint head for the category with joints (people), when the data has joints"),
     "mask_channels": Option("32,32", "mask head: channels of its 3 x 3 convolutions, one entry per layer "
                                      "(He et al.: 256,256,256,256)"),
+    "mask_pixels": Option(True, "mask head: a last 3 x 3 convolution that also reads the region's pixels at the "
+                                 "mask's resolution (a hypercolumn down to the image; thin parts such as limbs)",
+                          before=False),
     "mask_pool_size": Option(14, "mask head: RoIAlign grid; the masks are twice this size", min=2, max=64),
     "keypoint_channels": Option("64,64,64,64", "keypoint head: channels of its 3 x 3 convolutions, one entry per "
                                                "layer (He et al.: eight of 512)"),
@@ -72,7 +75,7 @@ class MaskRCNN(RegionDetector):
         self.mask_head, self.keypoint_head = mask_head, keypoint_head
         self.keypoint_class, self.mask_thresh = keypoint_class, mask_thresh
 
-    def region_losses(self, features, input_size, targets, rois, labels, matches) -> dict[str, torch.Tensor]:
+    def region_losses(self, features, batch, targets, rois, labels, matches) -> dict[str, torch.Tensor]:
         """The mask and keypoint losses, on the positive RoIs of every image and the object each one matched."""
         positive_rois, positive_labels, positive_objects = [], [], []
         for image_rois, image_labels, image_matches in zip(rois, labels.split([len(r) for r in rois]), matches):
@@ -82,15 +85,15 @@ class MaskRCNN(RegionDetector):
             positive_objects.append(image_matches[positive])
         losses = {}
         if self.mask_head is not None:
-            losses["mask"] = self._mask_loss(features, input_size, targets, positive_rois, positive_labels,
+            losses["mask"] = self._mask_loss(features, batch, targets, positive_rois, positive_labels,
                                              positive_objects)
         if self.keypoint_head is not None:
-            losses["keypoint"] = self._keypoint_loss(features, input_size, targets, positive_rois, positive_labels,
+            losses["keypoint"] = self._keypoint_loss(features, batch.input_size, targets, positive_rois, positive_labels,
                                                      positive_objects)
         return losses
 
-    def _mask_loss(self, features, input_size, targets, rois, labels, objects) -> torch.Tensor:
-        mask_logits = self.mask_head(features, rois, input_size)                             # (P, K+1, M, M)
+    def _mask_loss(self, features, batch, targets, rois, labels, objects) -> torch.Tensor:
+        mask_logits = self.mask_head(features, rois, batch.input_size, batch.normalized)     # (P, K+1, M, M)
         size = mask_logits.shape[-1]
         wanted = torch.cat([mask_targets(target["masks"], image_rois, image_objects, size)
                             for target, image_rois, image_objects in zip(targets, rois, objects)])
@@ -104,12 +107,12 @@ class MaskRCNN(RegionDetector):
         heatmaps = self.keypoint_head(features, person_rois, input_size)                     # (P, J, S, S)
         return keypoint_loss(heatmaps, joints, torch.cat(person_rois))
 
-    def region_outputs(self, features, input_size, detections: list[dict]) -> None:
+    def region_outputs(self, features, batch, detections: list[dict]) -> None:
         """28 x 28 mask probabilities of each detection's class (pasted by :meth:`inference`) and the joints of
         each detection of the keypoint class, in input pixels."""
-        boxes = [found["boxes"] for found in detections]
+        boxes, input_size = [found["boxes"] for found in detections], batch.input_size
         if self.mask_head is not None:
-            mask_logits = self.mask_head(features, boxes, input_size)                        # (D, K+1, M, M)
+            mask_logits = self.mask_head(features, boxes, input_size, batch.normalized)      # (D, K+1, M, M)
             chosen = torch.cat([found["labels"] for found in detections])
             probabilities = mask_logits[torch.arange(len(chosen), device=chosen.device), chosen].sigmoid()
             for found, image_probabilities in zip(detections, probabilities.split([len(b) for b in boxes])):
@@ -148,8 +151,10 @@ def build(config: dict, info: dict) -> MaskRCNN:
     # The new heads read what the box head reads: the narrowed map (roi_channels) or the pyramid.
     channels = config["roi_channels"] if roi_head.narrow is not None else backbone.out_channels
     levels = fpn_levels(config)
-    mask_head = MaskHead(channels, num_classes, channel_list("mask_channels", config["mask_channels"]),
-                         config["mask_pool_size"], config["pool"], levels) if config["masks"] else None
+    mask_head = None
+    if config["masks"]:
+        mask_head = MaskHead(channels, num_classes, channel_list("mask_channels", config["mask_channels"]),
+                             config["mask_pool_size"], config["pool"], levels, pixels=config["mask_pixels"])
     num_keypoints = int(info.get("num_keypoints", 0))
     keypoint_head = None
     if config["keypoints"] and num_keypoints and info.get("keypoint_class"):
