@@ -3,7 +3,8 @@
 The lecture's tasks are judged differently, and this module follows its order:
 
 - classification: ``top1``, the fraction of images whose highest-scoring class is right;
-- semantic segmentation: a per-pixel confusion matrix gives ``miou`` and ``pixel_acc``;
+- semantic segmentation: a per-pixel confusion matrix gives ``miou`` and ``pixel_acc``; the boundary IoU scores
+  only the pixels near object edges (how sharp the boundaries are, which the region IoU of a large object hides);
 - classification + localization: ``top1``, ``box_iou`` (IoU of the single predicted box with the true one) and
   ``loc_acc`` (class right *and* IoU >= 0.5, the ImageNet-localization criterion);
 - pose as regression: ``pck``, the fraction of joints within a radius of the truth;
@@ -19,6 +20,7 @@ import copy
 import io
 from typing import Callable, Mapping, Sequence
 
+import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -108,6 +110,67 @@ class ConfusionMatrix:
         """Fraction of labeled (non-ignored) pixels classified correctly; 0.0 when nothing was accumulated."""
         total = self.matrix.sum().item()
         return self.matrix.diag().sum().item() / total if total else 0.0
+
+
+def inner_band(mask: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of a boolean (H, W) ``mask`` within ``width`` px of its contour (Euclidean distance to the
+    nearest pixel outside it). The image's own edge is no contour: the mask is extended past it first."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    pad = width + 1
+    padded = np.pad(mask, pad, mode="edge").astype(np.uint8)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 3)[pad:-pad, pad:-pad]          # (H, W)
+    return mask & (distance <= width)
+
+
+class BoundaryIoU:
+    """Boundary IoU (Cheng et al., 2021) per class, accumulated over a data set: for each foreground class, the
+    IoU of the true and the predicted masks restricted to their inner bands of ``width`` px,
+
+        |(G_w & G) & (P_w & P)| / |(G_w & G) | (P_w & P)|,
+
+    so only the pixels near object edges count - the place where unpooling choices differ, and where the region
+    IoU of a large object hardly moves. ``width=None`` is Cheng et al.'s choice, 2% of each image's diagonal
+    (4 px at 128 x 128). Pixels whose target is ``ignore_index`` count nowhere; class 0 is the background and is not
+    scored (its boundary is every object's)."""
+
+    def __init__(self, num_classes: int, width: int | None = None, ignore_index: int = 255):
+        if width is not None and width < 1:
+            raise ValueError(f"BoundaryIoU: width must be >= 1 px, got {width}")
+        self.num_classes, self.width, self.ignore_index = num_classes, width, ignore_index
+        self.intersection = np.zeros(num_classes, dtype=np.int64)
+        self.union = np.zeros(num_classes, dtype=np.int64)
+
+    def update(self, pred, target) -> None:
+        """Add predicted and true class maps, (H, W) or (N, H, W) integer class ids."""
+        pred, target = np.asarray(torch.as_tensor(pred).cpu()), np.asarray(torch.as_tensor(target).cpu())
+        if pred.shape != target.shape:
+            raise ValueError(f"BoundaryIoU.update: prediction {pred.shape} vs target {target.shape}")
+        for image_pred, image_target in zip(pred.reshape((-1,) + pred.shape[-2:]),
+                                            target.reshape((-1,) + target.shape[-2:])):
+            labeled = image_target != self.ignore_index
+            width = self.width or max(1, round(0.02 * float(np.hypot(*image_target.shape))))
+            for k in range(1, self.num_classes):
+                true_band = inner_band(image_target == k, width) & labeled
+                pred_band = inner_band(image_pred == k, width) & labeled
+                self.intersection[k] += int((true_band & pred_band).sum())
+                self.union[k] += int((true_band | pred_band).sum())
+
+    def per_class(self) -> np.ndarray:
+        """(K,) float: boundary IoU of each class, NaN for the background and for classes never seen."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = self.intersection / self.union
+        iou = iou.astype(np.float64)
+        iou[self.union == 0] = np.nan
+        iou[0] = np.nan
+        return iou
+
+    def mean(self) -> float:
+        """Mean boundary IoU over the foreground classes seen in targets or predictions (0.0 before any)."""
+        iou = self.per_class()
+        present = ~np.isnan(iou)
+        return float(iou[present].mean()) if present.any() else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

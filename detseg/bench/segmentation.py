@@ -279,7 +279,8 @@ def run_variant(variant: Variant, settings: dict, run_dir: Path, timing_images: 
                         out=run_dir, overrides=overrides, progress=False, verbose=False)
     model, _ = api.load(run_dir / "best.pt")
     row = {"label": variant.label, "model": variant.model, "knobs": variant.knobs,
-           "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"], "epochs": metrics["epochs"],
+           "miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"], "boundary_iou": metrics.get("boundary_iou"),
+           "epochs": metrics["epochs"],
            "train_seconds": metrics["train_seconds"], "train_images_per_second": metrics["train_images_per_second"],
            **measure_costs(model, timing_images, settings["timing_runs"]),
            "checkerboard_init": checkerboard_init, "checkerboard_trained": flat_input_checkerboard(model, size)}
@@ -412,12 +413,15 @@ def equal_context_costs(timing_images: torch.Tensor, runs: int) -> dict:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| variant | mIoU | pixel acc | GFLOPs/img | train MB/img | infer peak MB | ms/img | train s "
-             "| img/s | params | checkerboard init → trained |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| variant | mIoU | boundary IoU | pixel acc | GFLOPs/img | train MB/img | infer peak MB | ms/img "
+             "| train s | img/s | params | checkerboard init → trained |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
-        lines.append(f"| {row['label']} | {row['miou']:.3f} | {row['pixel_acc']:.3f} | {row['gflops_per_image']:.3g} "
-                     f"| {row['train_memory_mb']:.3g} | {row['infer_peak_mb']:.3g} | {row['ms_per_image']:.3g} "
+        boundary = row.get("boundary_iou")
+        boundary = "-" if boundary is None else f"{boundary:.3f}"
+        lines.append(f"| {row['label']} | {row['miou']:.3f} | {boundary} | {row['pixel_acc']:.3f} "
+                     f"| {row['gflops_per_image']:.3g} | {row['train_memory_mb']:.3g} | {row['infer_peak_mb']:.3g} "
+                     f"| {row['ms_per_image']:.3g} "
                      f"| {row['train_seconds']:.0f} | {row['train_images_per_second']:.0f} | {row['params']:,} "
                      f"| {row['checkerboard_init']:.3f} → {row['checkerboard_trained']:.3f} |")
     return lines

@@ -15,7 +15,7 @@ from torchvision.utils import draw_segmentation_masks
 
 from ..config import Option
 from ..data.transforms import AUGMENT_OPTIONS, Augmentation
-from ..metrics import ConfusionMatrix
+from ..metrics import BoundaryIoU, ConfusionMatrix
 from ..models.segmentation import encoder_decoder, fcn_fullres, sliding_window
 from ..models.segmentation.segmenter import WEIGHTINGS, Segmenter, SlidingWindowSegmentation, class_weights
 from ..registry import register
@@ -28,19 +28,24 @@ PALETTE = ["black", "red", "lime", "blue", "yellow", "magenta", "cyan", "orange"
 
 
 class SegmentationScorer(Scorer):
-    """Confusion matrix over every labeled validation pixel: mIoU, pixel accuracy, IoU per class by name."""
+    """Confusion matrix over every labeled validation pixel: mIoU, pixel accuracy, IoU per class by name; and the
+    boundary IoU (Cheng et al.: the same IoU on the pixels within 2% of the image diagonal of object edges)."""
 
     def __init__(self, class_names: list[str]):
         self.class_names = class_names
         self.confusion = ConfusionMatrix(len(class_names))
+        self.boundary = BoundaryIoU(len(class_names))
 
     def update(self, outputs: list[dict], targets: list[dict]) -> None:
         for output, target in zip(outputs, targets):
-            self.confusion.update(output["labels"].cpu()[None], target["semantic"].cpu().long()[None])
+            predicted, true = output["labels"].cpu()[None], target["semantic"].cpu().long()[None]
+            self.confusion.update(predicted, true)
+            self.boundary.update(predicted, true)
 
     def compute(self) -> dict:
         per_class = self.confusion.per_class_iou()
         return {"miou": self.confusion.miou(), "pixel_acc": self.confusion.pixel_acc(),
+                "boundary_iou": self.boundary.mean(),
                 "per_class_iou": {name: float(iou) for name, iou in zip(self.class_names, per_class.tolist())
                                   if iou == iou}}   # NaN: the class is in neither prediction nor truth
 
