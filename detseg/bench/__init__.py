@@ -2,11 +2,19 @@
 results.json into its output directory. Studies are slow by design and are not part of the test suite."""
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
+import sys
+import time
 from pathlib import Path
 
+from .. import __version__
 from ..errors import ConfigError
+from ..io import read_json, write_json
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 # study name -> module defining ``run(out: Path, quick: bool) -> dict``
 STUDIES = {
@@ -43,4 +51,67 @@ def run_study(study: str, out: str | Path | None = None, quick: bool = False, on
     out_dir.mkdir(parents=True, exist_ok=True)
     if only:
         options["only"] = only
-    return module.run(out_dir, quick, **options)
+    results = module.run(out_dir, quick, **options)
+    stamp_results(out_dir / "results.json", study, quick, options)
+    return results
+
+
+# ---- provenance: what code and settings a study's results came from ----------------------------------------------
+def code_fingerprint() -> dict[str, str]:
+    """``{path inside the package: sha256 prefix}`` of every detseg module loaded in this process: what a study's
+    numbers depend on (conservatively: modules loaded for an earlier study in the same process count too)."""
+    fingerprint = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not (name == "detseg" or name.startswith("detseg.")) or not path:
+            continue
+        path = Path(path).resolve()
+        if path.suffix == ".py" and path.is_file():
+            fingerprint[path.relative_to(PACKAGE_ROOT).as_posix()] = _file_hash(path)
+    return dict(sorted(fingerprint.items()))
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def stamp_results(path: Path, study: str, quick: bool, options: dict) -> None:
+    """Add ``provenance`` (study, quick, options, detseg version, code fingerprint, time) to a results.json."""
+    if not path.is_file():
+        return
+    results = read_json(path)
+    if not isinstance(results, dict):
+        return
+    results["provenance"] = {"study": study, "quick": bool(quick), "options": {k: v for k, v in options.items()},
+                             "detseg_version": __version__, "code": code_fingerprint(),
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(path, results)
+
+
+def stale_reason(results: dict | None, study: str, quick: bool, settings: dict | None = None) -> str | None:
+    """Why ``results`` (a study's results.json) cannot stand for a run of ``study`` now, or None if it can: no
+    results, no provenance (written before studies recorded it), another study or mode, a partial run (``only``),
+    settings other than ``settings``, or a module it ran on changed since (or gone)."""
+    if not isinstance(results, dict):
+        return "no results"
+    provenance = results.get("provenance")
+    if not isinstance(provenance, dict):
+        return "no provenance (results written before studies recorded their code and settings)"
+    if provenance.get("study") != study:
+        return f"results of the {provenance.get('study')!r} study"
+    if bool(provenance.get("quick")) != bool(quick):
+        return "a --quick run" if provenance.get("quick") else "a full run, not --quick"
+    if (provenance.get("options") or {}).get("only"):
+        return f"a partial run (--only {provenance['options']['only']})"
+    if settings is not None:
+        wanted, recorded = json.loads(json.dumps(settings)), results.get("settings") or {}   # tuples as lists
+        changed = sorted(key for key in set(wanted) | set(recorded) if wanted.get(key) != recorded.get(key))
+        if changed:
+            return "settings changed: " + ", ".join(changed)
+    for relative, digest in (provenance.get("code") or {}).items():
+        path = PACKAGE_ROOT / relative
+        if not path.is_file():
+            return f"code changed: {relative} is gone"
+        if _file_hash(path) != digest:
+            return f"code changed: {relative}"
+    return None
