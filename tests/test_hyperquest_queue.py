@@ -222,6 +222,8 @@ def test_two_web_processes_share_one_port_and_a_kill_loses_nothing(tmp_path, pos
         assert client.post(f"/api/trials/{trial}/actions", json={"action": "train"}).status_code == 200
         web[0].kill()                                 # one web process dies; the other answers the same cookie
         web[0].wait(10)
+        # The second process may still be starting (importing torch) when the first answered: wait for it.
+        wait_until(lambda: _up(url), timeout=60, interval=0.2)
         client = httpx.Client(base_url=url, timeout=30, cookies=client.cookies)
         view = wait_until(idle, timeout=60)
         assert [row["epoch"] for row in view["history"]] == [1]
