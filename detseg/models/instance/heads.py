@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
+from torchvision.ops import roi_align, roi_pool
 
 from ...ops.pooling import ThreadedMultiScaleRoIAlign
 
@@ -93,9 +93,11 @@ class MaskHead(nn.Module):
         if self.refine is not None:
             if images is None:
                 raise ValueError("MaskHead(pixels=True) needs the normalised images")
-            # On the grid of the mask targets (:func:`mask_targets`: box corners on pixel centres).
-            pixels = roi_align(images, [r.to(images.dtype) for r in rois], self.mask_size, spatial_scale=1.0,
-                               sampling_ratio=2, aligned=False)                                # (R, 3, 2s, 2s)
+            # On the grid of the mask targets (:func:`mask_targets`: box corners on pixel centres); quantised like
+            # the features when the head pools with RoIPool (bench roialign compares the two samplings whole).
+            boxes = [r.to(images.dtype) for r in rois]
+            pixels = roi_pool(images, boxes, self.mask_size, 1.0) if self.pooling.pool == "roi_pool" else \
+                roi_align(images, boxes, self.mask_size, spatial_scale=1.0, sampling_ratio=2, aligned=False)
             hidden = self.refine(torch.cat([hidden, pixels], dim=1))                       # (R, c, 2s, 2s)
         return self.logits(hidden)                                                          # (R, K+1, 2s, 2s)
 
