@@ -184,7 +184,7 @@ def test_bench_roialign_trains_the_three_runs_and_reports_them(tmp_path):
 def test_mask_pixels_refines_the_masks_with_the_regions_pixels():
     model, _ = tiny_mask_rcnn(mask_pixels="true")
     head = model.mask_head
-    assert head.reads_pixels
+    assert head.refine is not None
     images, targets = instance_batch([0, 1])
     batch = model.transform.batch(images)
     features = model.backbone(batch.normalized)

@@ -82,7 +82,7 @@ def stamp_results(path: Path, study: str, quick: bool, options: dict) -> None:
     results = read_json(path)
     if not isinstance(results, dict):
         return
-    results["provenance"] = {"study": study, "quick": bool(quick), "options": {k: v for k, v in options.items()},
+    results["provenance"] = {"study": study, "quick": bool(quick), "options": dict(options),
                              "detseg_version": __version__, "code": code_fingerprint(),
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(path, results)

@@ -82,10 +82,6 @@ class MaskHead(nn.Module):
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(layer.bias)
 
-    @property
-    def reads_pixels(self) -> bool:
-        return self.refine is not None
-
     def forward(self, features, rois: list[torch.Tensor], image_size: tuple[int, int],
                 images: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.convs(self.pooling(features, rois, image_size))                      # (R, c, s, s)

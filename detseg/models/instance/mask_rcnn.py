@@ -88,8 +88,8 @@ class MaskRCNN(RegionDetector):
             losses["mask"] = self._mask_loss(features, batch, targets, positive_rois, positive_labels,
                                              positive_objects)
         if self.keypoint_head is not None:
-            losses["keypoint"] = self._keypoint_loss(features, batch.input_size, targets, positive_rois, positive_labels,
-                                                     positive_objects)
+            losses["keypoint"] = self._keypoint_loss(features, batch.input_size, targets, positive_rois,
+                                                     positive_labels, positive_objects)
         return losses
 
     def _mask_loss(self, features, batch, targets, rois, labels, objects) -> torch.Tensor:
