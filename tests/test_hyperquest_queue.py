@@ -168,6 +168,32 @@ def test_a_worker_thread_retries_a_dead_workers_epoch_on_postgresql(tmp_path, po
     assert len([row for row in game.export("checkpoints") if row["kind"] == "epoch"]) == 1
 
 
+@needs_postgres
+def test_processes_starting_together_create_the_tables_once_without_error(postgres):
+    """Two web processes start at once: both create the missing tables; without a lock the second CREATE TABLE
+    fails on a duplicate pg_type row and that process never serves (seen in CI)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from detseg.hyperquest.db import Database
+
+    for _ in range(3):
+        reset_database(postgres)
+        databases = [Database(postgres) for _ in range(6)]
+        barrier = Barrier(len(databases))
+
+        def create(database):
+            barrier.wait()
+            database.create_all()
+
+        with ThreadPoolExecutor(len(databases)) as pool:
+            list(pool.map(create, databases))            # re-raises the first error of any thread
+        with databases[0].engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM players")).scalar() == 0
+        for database in databases:
+            database.dispose()
+
+
 def _gone(pids: list[int]) -> bool:
     for pid in pids:
         try:
@@ -220,6 +246,7 @@ def test_two_web_processes_share_one_port_and_a_kill_loses_nothing(tmp_path, pos
         idle = lambda: (v := client.get(f"/api/trials/{trial}").json())["state"] in ("ready", "finished") and v  # noqa: E731
         wait_until(idle, timeout=60)
         assert client.post(f"/api/trials/{trial}/actions", json={"action": "train"}).status_code == 200
+        assert [process.poll() for process in web] == [None, None], "a web process exited at start"
         web[0].kill()                                 # one web process dies; the other answers the same cookie
         web[0].wait(10)
         # The second process may still be starting (importing torch) when the first answered: wait for it.

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from ..errors import ConfigError
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event)
+                        create_engine, event, text)
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -161,6 +161,7 @@ TABLES = {"players": Player, "datasets": Dataset, "trials": Trial, "checkpoints"
 
 
 AFTER_COMMIT = "detseg_after_commit"
+TABLES_LOCK = 0x6465747365670002         # advisory lock: one process creates the tables at a time
 
 
 def after_commit(session: Session, callback) -> None:
@@ -198,7 +199,15 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create the missing tables. On PostgreSQL under an advisory lock held for the transaction: several web
+        processes starting at once (``serve --db postgresql://...`` twice) would otherwise race on CREATE TABLE,
+        and the loser fails with a duplicate ``pg_type`` row and never serves."""
+        if self.is_sqlite:
+            Base.metadata.create_all(self.engine)
+            return
+        with self.engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": TABLES_LOCK})
+            Base.metadata.create_all(connection)
 
     def drop_all(self) -> None:
         Base.metadata.drop_all(self.engine)
