@@ -98,7 +98,7 @@ def test_localization_study_writes_results_with_every_schedule_and_weight(tmp_pa
     monkeypatch.setattr(localization, "BOX_WEIGHTS", (0.1, 100.0))
     results = localization.run(tmp_path, quick=True)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["schedules"]) == {"frozen", "joint", "schedule"}
+    assert set(saved["schedules"]) == {"frozen", "joint", "schedule", "pretrained_frozen", "pretrained_joint"}
     assert saved["schedules"]["frozen"]["knobs"]["freeze_epochs"] == 2
     assert saved["schedules"]["schedule"]["knobs"]["freeze_epochs"] == 1
     assert set(saved["box_weights"]) == {"box_weight=0.1", "box_weight=100"}

@@ -31,6 +31,8 @@ STUDIES = {
     "roialign": "detseg.bench.roialign",
     "densecap": "detseg.bench.densecap",
     "resume": "detseg.bench.resume",
+    "growth": "detseg.bench.growth",
+    "lecture": "detseg.bench.lecture",
 }
 
 
