@@ -25,7 +25,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import api
 from .data.dataset import InstanceDataset
-from .data.coco import CocoSource
 from .data.export import write_scenes
 from .data.scenes import ScenesSource, render_single_object_images
 from .io import read_json
@@ -92,12 +91,10 @@ def main(out: Path = OUT, families: tuple[Family, ...] = FAMILIES, scale: float 
     for title, result in results.items():
         family = result["family"]
         if family.scenes:
-            answers = api.predict(result["run_dir"] / "best.pt", scene_paths, out=out / "answers" / result[
-                "run_dir"].name)
-            drawn = [read_png(out / "answers" / result["run_dir"].name / f"{path.stem}_pred.png") for path in
-                     scene_paths]
+            answers_dir = out / "answers" / result["run_dir"].name
+            api.predict(result["run_dir"] / "best.pt", scene_paths, out=answers_dir)
+            drawn = [read_png(answers_dir / f"{path.stem}_pred.png") for path in scene_paths]
             pictures = [picture for pair in zip(truths[family_kind(family)], drawn) for picture in pair]
-            result["answers"] = answers
         else:
             pictures = classification_row(result["run_dir"], out / "new_images")
         rows.append((title, pictures))
@@ -189,9 +186,9 @@ def tour_picture(rows: list[tuple[str, list[torch.Tensor]]], side: int = 224, la
         draw.multiline_text((8, top + side // 2 - 10), title.replace(" + ", "\n+ "), fill="black", font=font)
         for column, picture in enumerate(pictures):
             cell = Image.fromarray(picture.permute(1, 2, 0).numpy())
-            cell.thumbnail((side, side), Image.Resampling.NEAREST if max(cell.size) < side else
-                           Image.Resampling.LANCZOS)
-            cell = cell.resize((side, round(side * cell.height / cell.width))) if max(cell.size) < side else cell
+            scale = side / max(cell.size)                  # the long side fills the cell
+            cell = cell.resize((round(cell.width * scale), round(cell.height * scale)),
+                               Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
             canvas.paste(cell, (label_width + column * (side + gap), top))
     return np.asarray(canvas)
 

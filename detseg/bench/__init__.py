@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,13 @@ def run_study(study: str, out: str | Path | None = None, quick: bool = False, on
     results = module.run(out_dir, quick, **options)
     stamp_results(out_dir / "results.json", study, quick, options)
     return results
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of ``values`` over seeds (0 for one value; None, None for none)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 # ---- provenance: what code and settings a study's results came from ----------------------------------------------

@@ -37,6 +37,7 @@ from ..growth import deepen, widen
 from ..hyperquest.settings import DEFAULT_HPARAMS, DEFAULT_NETWORK
 from ..hyperquest.training import WIDEN_NOISE, build_network, make_trainer
 from ..io import write_json
+from . import mean_std
 from ..viz import save_figure, save_report   # importing viz selects matplotlib's file-only Agg backend
 
 import matplotlib.pyplot as plt  # noqa: E402,I001
@@ -169,12 +170,6 @@ def run_seed(data, settings: dict, seed: int) -> list[dict]:
 
 
 # ---- over the seeds --------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarize(rows: list[dict], target: float) -> dict:
     """Per arm: mean / std over seeds of seconds to target (seeds that reached it), final accuracy, training time;
     the speed-up of growing (scratch / grown seconds to target, mean over seeds where both reached it)."""
@@ -183,10 +178,10 @@ def summarize(rows: list[dict], target: float) -> dict:
     for arm in ARMS:
         arm_rows = [row for row in rows if row["arm"] == arm]
         reached = [row["seconds_to_target"] for row in arm_rows if row["seconds_to_target"] is not None]
-        summary[f"{arm}_seconds_mean"], summary[f"{arm}_seconds_std"] = _mean_std(reached)
-        summary[f"{arm}_final_mean"], summary[f"{arm}_final_std"] = _mean_std([row["final_acc"] for row in arm_rows])
+        summary[f"{arm}_seconds_mean"], summary[f"{arm}_seconds_std"] = mean_std(reached)
+        summary[f"{arm}_final_mean"], summary[f"{arm}_final_std"] = mean_std([row["final_acc"] for row in arm_rows])
         summary[f"{arm}_train_seconds_mean"], summary[f"{arm}_train_seconds_std"] = \
-            _mean_std([row["epochs"][-1]["seconds"] for row in arm_rows])
+            mean_std([row["epochs"][-1]["seconds"] for row in arm_rows])
         summary[f"{arm}_reached"] = len(reached)
     by_seed = {(row["seed"], row["arm"]): row["seconds_to_target"] for row in rows}
     speedups = [by_seed[seed, "scratch"] / by_seed[seed, "grown"] for seed in seeds

@@ -20,12 +20,11 @@ import base64
 import html
 import importlib
 import math
-import statistics
 from pathlib import Path
 
 from ..io import read_json, write_json, write_text
 from ..viz import save_report
-from . import STUDIES, run_study, stale_reason
+from . import STUDIES, mean_std, run_study, stale_reason
 
 HOLDS, FAILS, UNMEASURABLE, UNMEASURED = "holds", "does not hold", "not measurable here", "not measured"
 VERDICTS = (HOLDS, FAILS, UNMEASURABLE, UNMEASURED)
@@ -84,12 +83,6 @@ def _seeded(result: dict, key: str) -> str:
     if len(values) > 1:
         return f"{result[key]:.3f} (median of {len(values)} seeds, {min(values):.3f}–{max(values):.3f})"
     return f"{result[key]:.3f}"
-
-
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 # ---- the claims: each reads one study's results.json and returns measured / verdict / why / numbers ------------
@@ -342,7 +335,7 @@ def claim_net2net(results: dict) -> dict:
         mean, std = summary.get(f"{arm}_{name}_mean"), summary.get(f"{arm}_{name}_std")
         values = [row[key] for row in arms[arm] if isinstance(row.get(key), (int, float))]
         if mean is None:
-            mean, std = _mean_std(values)
+            mean, std = mean_std(values)
         return mean, std, values
 
     grown_s, grown_s_std, grown_times = stat("grown", "seconds_to_target", "seconds")
@@ -613,9 +606,7 @@ def run(out: Path, quick: bool = False, studies_dir: Path | str = Path("bench"),
                       "results": str(Path(state["dir"]) / "results.json")} for name, state in states.items()}
     write_json(out / "claims.json", claims)
     save_report(out / "report.md", report_lines(claims, studies, quick))
-    html_text = report_html(claims, {name: {**studies[name], "dir": str(states[name]["dir"])} for name in studies},
-                            quick)
-    write_text(out / "report.html", html_text)
+    write_text(out / "report.html", report_html(claims, states, quick))
     results = {"claims": claims, "studies": studies}
     write_json(out / "results.json", results)
     for claim in claims:

@@ -63,6 +63,12 @@ def read_history(run_dir: Path) -> list[dict]:
         return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
 
 
+def run_overrides(settings: dict, **knobs) -> dict:
+    """A run's overrides: the study's data sizes and ``knobs`` for every run, then this run's own ``knobs``."""
+    return {"train_size": settings["train_size"], "val_size": settings["val_size"], **settings.get("knobs", {}),
+            **knobs}
+
+
 def pretrain_knobs(settings: dict) -> dict:
     """The pre-training's knobs besides its data_seed: classification only, evaluated once, after the last epoch.
 
@@ -78,8 +84,7 @@ def pretrain(out: Path, settings: dict, seed: int) -> dict:
     so ``api.train(init=...)`` loads those (matched by name and shape) and the heads keep their fresh initialisation.
     """
     run_dir = out / "runs" / f"pretrain-seed{seed}"
-    overrides = {"train_size": settings["train_size"], "val_size": settings["val_size"],
-                 **settings.get("knobs", {}), **pretrain_knobs(settings), "data_seed": PRETRAIN_DATA_SEED + seed}
+    overrides = run_overrides(settings, **pretrain_knobs(settings), data_seed=PRETRAIN_DATA_SEED + seed)
     metrics = api.train(MODEL, epochs=settings["epochs"], seed=seed, out=run_dir, overrides=overrides,
                         progress=False, verbose=False)
     payload = load_checkpoint(run_dir / "best.pt")
@@ -108,10 +113,8 @@ def train_run(run_dir: Path, settings: dict, seed: int, init: Path | str | None 
     ``settings``: train_size, val_size, epochs, seeds, and ``knobs`` applied to every run (empty in the study; tests
     shrink the model with it). ``init``: a checkpoint whose matching tensors start the model (the pre-trained
     backbone)."""
-    overrides = {"train_size": settings["train_size"], "val_size": settings["val_size"],
-                 **settings.get("knobs", {}), **knobs}
-    metrics = api.train(MODEL, epochs=settings["epochs"], seed=seed, out=run_dir, overrides=overrides,
-                        progress=False, verbose=False, init=init)
+    metrics = api.train(MODEL, epochs=settings["epochs"], seed=seed, out=run_dir,
+                        overrides=run_overrides(settings, **knobs), progress=False, verbose=False, init=init)
     history = read_history(run_dir)
     last = history[-1]
     box_weight = knobs.get("box_weight", registry.get(MODEL).options["box_weight"].default)
