@@ -284,22 +284,25 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, val: str | None
 def predict(checkpoint: str | Path, images: Iterable[str | Path], *, out: str | Path | None = None,
             device: str = "cpu", batch_size: int = 8, workers: int = 1, conf: float | None = None,
             max_det: int | None = None, coco: str | Path | None = None, draw: bool = True,
-            progress: bool = False, fuse: bool = False) -> list[dict]:
+            progress: bool = False, fuse: bool = False, draw_score: float | None = None) -> list[dict]:
     """Predictions for image files, directories, globs and videos (:mod:`detseg.predict`): one dict per image or
     video frame, in input order. With ``out``: a drawing per image, a drawn video + JSON lines per video,
     predictions.json and, for detectors, coco_results.json (image ids from the ``coco`` json when given).
 
     ``batch_size`` images share a forward, decoded by ``workers`` DataLoader processes; ``conf`` / ``max_det`` set a
     detector's ``score_thresh`` / ``detections_per_image``; ``device`` is cpu, cuda or auto; ``fuse`` folds batch
-    norms and uses channels-last maps (see :func:`load`)."""
-    from .predict import DEVICES, predict_paths, test_time_overrides
+    norms and uses channels-last maps (see :func:`load`); ``draw_score``: drawings show the regions scoring at least
+    this (default 0.5; detectors, instances, captions)."""
+    from .predict import DEVICES, draw_options, predict_paths, test_time_overrides
 
     if device not in DEVICES:
         raise ConfigError(f"--device {device}: must be one of {', '.join(DEVICES)}")
+    if draw_score is not None:      # refused before the model is built (the checkpoint's name read once more)
+        draw_options(str(load_checkpoint(checkpoint).get("model_name")), draw_score)
     chosen = _device(device, 0)
     model, payload = load(checkpoint, chosen, test_time_overrides(checkpoint, conf, max_det), fuse=fuse)
     return predict_paths(model, payload, images, out=out, device=chosen, batch_size=batch_size, workers=workers,
-                         coco=coco, draw=draw, progress=progress).results
+                         coco=coco, draw=draw, progress=progress, draw_score=draw_score).results
 
 
 def convert_torchvision(name: str, state_dict: str | Path, *, out: str | Path, bn_eps: float | None = None) -> Path:

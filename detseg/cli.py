@@ -214,18 +214,20 @@ def eval_command(checkpoint, data, val, out, overrides) -> None:
 @click.option("--coco", default=None, type=click.Path(dir_okay=False),
               help="Detectors: a COCO json whose image ids (matched by file_name) coco_results.json uses.")
 @click.option("--no-draw", is_flag=True, help="Write no drawings (PNGs, output videos): JSON only.")
+@click.option("--draw-score", default=None, type=float, help="Drawings show the regions scoring at least this "
+                                                               "(default 0.5; detectors, instances, captions).")
 @click.option("--quiet", is_flag=True, help="No progress bar, no JSON line per prediction on stdout.")
 @click.option("--fuse", is_flag=True, help="Fold batch norms into the convolutions and keep maps channels-last: "
                                            "faster, equal up to float rounding.")
 def predict_command(checkpoint, paths, out, device, batch_size, workers, conf, max_det, coco, no_draw,
-                    quiet, fuse) -> None:
+                    draw_score, quiet, fuse) -> None:
     """Predict on PATHS - image files, directories (not recursive), quoted globs ('**' recurses), videos - and
     write predictions.json, drawings, per video a drawn .mp4 and a .jsonl, for detectors coco_results.json."""
     from . import api
 
     results = api.predict(checkpoint, paths, out=out, device=device, batch_size=batch_size, workers=workers,
                           conf=conf, max_det=max_det, coco=coco, draw=not no_draw, progress=not quiet,
-                          fuse=fuse)
+                          fuse=fuse, draw_score=draw_score)
     if not quiet:
         for result in results:
             shown = {key: value for key, value in result.items() if key != "probabilities"}

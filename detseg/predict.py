@@ -35,6 +35,7 @@ Outputs, into ``out`` (nothing is written without it):
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import math
 import os
@@ -155,6 +156,19 @@ def test_time_overrides(checkpoint: str | Path, conf: float | None, max_det: int
         if key not in options:
             raise ConfigError(f"{KNOB_FLAGS[key]}: {model_name} has no {key} knob to set")
     return given
+
+
+def draw_options(model_name: str, draw_score: float | None) -> dict:
+    """``--draw-score``: the keyword of the task's ``draw`` that shows the regions scoring at least it (the tasks' own
+    default, 0.5, when None); a ConfigError for a score outside 0..1 or a model that draws no scored regions."""
+    if draw_score is None:
+        return {}
+    if not 0 <= draw_score <= 1:
+        raise ConfigError(f"--draw-score {draw_score}: must be a score in 0..1")
+    if "min_score" not in inspect.signature(registry.get(model_name).task.draw).parameters:
+        raise ConfigError(f"--draw-score applies to models that draw scored regions (detection, instances, "
+                          f"captions); {model_name} draws none")
+    return {"min_score": draw_score}
 
 
 # ---- COCO ids ------------------------------------------------------------------------------------------------------
@@ -320,10 +334,11 @@ class Predictor:
     """One ``detseg predict``: the model and its task, the run's settings, the outputs so far."""
 
     def __init__(self, model: torch.nn.Module, payload: dict, device: torch.device, out: Path | None,
-                 batch_size: int, workers: int, draw: bool):
+                 batch_size: int, workers: int, draw: bool, draw_score: float | None = None):
         self.model, self.info, self.device = model.eval(), payload["info"], device
         self.task = registry.get(payload["model_name"]).make_task(dict(payload["config"]))
         self.task.check_predictable(self.info)
+        self.draw_options = draw_options(payload["model_name"], draw_score)
         self.detector = getattr(self.task, "detects_boxes", False)     # detection and instance segmentation
         self.out, self.batch_size, self.workers, self.draw = out, batch_size, workers, draw and out is not None
         self.image_ids: dict[str, int] | None = None        # the --coco json's, else 1..N
@@ -374,7 +389,8 @@ class Predictor:
                     self._record(str(item.path), output, described)
                     if self.draw:
                         save_png(self.out / f"{self._stem(item.path)}_pred.png",
-                                 self.task.draw(pixels.numpy(), described, self.info))
+                                 self.task.draw(pixels.numpy(), described, self.info,
+                                                **self.draw_options))
             self.bar.update(len(batch))
 
     def video(self, item: Media, fps: float) -> None:
@@ -386,7 +402,8 @@ class Predictor:
                     entry = self._record(f"{item.path}#frame={index}", output, described, frame=index,
                                          time_s=round(index / fps, 3))
                     if outputs is not None:
-                        outputs.add(entry, self.task.draw(pixels.numpy(), described, self.info) if self.draw
+                        outputs.add(entry, self.task.draw(pixels.numpy(), described, self.info, **self.draw_options)
+                                    if self.draw
                                     else None)
                 frames += len(batch)
                 self.bar.update(len(batch))
@@ -422,7 +439,7 @@ class Predictor:
 def predict_paths(model: torch.nn.Module, payload: dict, paths: Iterable[str | Path], *,
                   out: str | Path | None = None, device: torch.device = torch.device("cpu"), batch_size: int = 8,
                   workers: int = 1, coco: str | Path | None = None, draw: bool = True,
-                  progress: bool = False) -> PredictRun:
+                  progress: bool = False, draw_score: float | None = None) -> PredictRun:
     """Predict with a loaded checkpoint (:func:`detseg.api.load`) on files, directories, globs and videos; with
     ``out``, write the files of the module doc. Prints skipped files (and their count at the end) on stderr."""
     if not 1 <= batch_size <= MAX_BATCH:
@@ -433,7 +450,7 @@ def predict_paths(model: torch.nn.Module, payload: dict, paths: Iterable[str | P
     if not media:
         raise ConfigError("predict: give at least one image or video file, directory or glob")
     out = Path(out) if out is not None else None
-    predictor = Predictor(model, payload, device, out, batch_size, workers, draw)
+    predictor = Predictor(model, payload, device, out, batch_size, workers, draw, draw_score)
     run = predictor(media, coco, progress)
     if run.skipped:
         shown = "; ".join(run.skipped[:3]) + (f"; and {len(run.skipped) - 3} more" if len(run.skipped) > 3 else "")

@@ -123,8 +123,9 @@ def draw_annotations(image: torch.Tensor, target: dict, names: Sequence[str]) ->
     picture = image
     if len(target["masks"]):
         picture = draw_segmentation_masks(picture, target["masks"].bool(), alpha=0.45)
-    labels = [names[int(label)] for label in target["labels"]]
-    picture = draw_bounding_boxes(picture, target["boxes"], labels=labels, colors="yellow")
+    if len(target["boxes"]):    # (torchvision warns on an empty set of boxes)
+        labels = [names[int(label)] for label in target["labels"]]
+        picture = draw_bounding_boxes(picture, target["boxes"], labels=labels, colors="yellow")
     keypoints = target["keypoints"]
     if keypoints.numel() and (keypoints[..., 2] > 0).any():
         people = keypoints[(keypoints[..., 2] > 0).any(dim=1)]

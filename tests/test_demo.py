@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from detseg import demo
+from detseg.io import load_yaml
 
 TINY = {"train_size": 16, "batch_size": 4}
 
@@ -35,3 +37,16 @@ def test_the_tour_trains_every_family_and_draws_one_row_each(tmp_path, capsys):
     assert "==== detseg tour ====" in printed and "tour.png" in printed
     for family in demo.FAMILIES:
         assert family.model in printed
+    # a row that starts from an earlier row's weights records that checkpoint as its init
+    for family in demo.FAMILIES:
+        if family.init_from is not None:
+            config = load_yaml(tmp_path / f"run-{family.model.replace('/', '-')}" / "config.yaml")
+            assert config["init"] == str(tmp_path / f"run-{family.init_from.replace('/', '-')}" / "best.pt")
+            assert f"started from {family.init_from}" in printed
+
+
+def test_a_row_starting_from_a_model_no_earlier_row_trains_is_refused(tmp_path):
+    family = demo.Family("instances", "inst/mask_rcnn", 1, "segm_ap50", None, {**TINY, "epochs": 1},
+                         init_from="det/yolo")
+    with pytest.raises(ValueError, match="det/yolo, which no earlier row trains"):
+        demo.main(tmp_path, (family,), scale=0.02, val_scenes=2)

@@ -127,7 +127,7 @@ def test_a_job_is_committed_with_its_action_or_not_at_all(tmp_path, postgres):
     game.create_tables()
     player = game.login("ann", "Ann")["id"]
     game.submit_survey(player, SURVEY)
-    trial = game.new_trial(player)
+    game.new_trial(player)
     assert [row[1:] for row in jobs_table(game)] == [("dataset:1", "todo")]
     with pytest.raises(RuntimeError):
         with game.db.session() as session:           # a transaction that fails after queueing: no job stays

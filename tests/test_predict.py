@@ -151,3 +151,22 @@ def test_bad_paths_stop_and_bad_files_in_a_directory_are_skipped(cli, detector, 
     assert [entry["image"] for entry in _read(tmp_path / "out" / "predictions.json")] == [str(folder / "000001.png")]
     assert "skipped 2 of 3 files" in result.stderr and "corrupt.png" in result.stderr
     _one_line_error(cli("predict", detector, folder / "corrupt.png"), "corrupt.png")
+
+
+def test_draw_score_draws_the_regions_above_it_and_is_refused_where_nothing_is_scored(cli, detector, scenes,
+                                                                                          tmp_path):
+    image = scenes / "val" / "000001.png"
+    drawings = {}
+    for score in (0.0, 1.0):
+        out = tmp_path / f"at{score}"
+        result = cli("predict", detector, image, "--out", out, "--quiet", "--conf", 0.0, "--draw-score", score)
+        assert result.returncode == 0, result.stderr
+        drawings[score] = np.asarray(Image.open(out / "000001_pred.png")).astype(int)
+        found = _read(out / "predictions.json")[0]
+    assert found["scores"], "the tiny detector keeps its detections at --conf 0"
+    # at 1.0 no detection is drawn; at 0.0 every one of them is: the drawings differ
+    assert np.abs(drawings[0.0] - drawings[1.0]).sum() > 0
+    _one_line_error(cli("predict", detector, image, "--draw-score", 1.5), "--draw-score 1.5", "0..1")
+    checkpoint = tmp_path / "seg.pt"
+    save_checkpoint(checkpoint, {"model_name": "seg/fcn_fullres", "config": {}, "info": {}, "model": {}})
+    _one_line_error(cli("predict", checkpoint, image, "--draw-score", 0.3), "--draw-score", "seg/fcn_fullres")

@@ -31,7 +31,7 @@ VERDICTS = (HOLDS, FAILS, UNMEASURABLE, UNMEASURED)
 UNAVAILABLE = "study not available"
 TITLE = "The lecture's claims, measured"
 
-# The studies the claims read, in the order they run. ``growth`` may not exist in this detseg yet.
+# The studies the claims read, in the order they run.
 NEEDED = ("segmentation", "localization", "rcnn", "detectors", "roialign", "densecap", "growth")
 # Studies whose results.json records its ``settings`` (so stale_reason compares them); any other study is compared
 # by its settings only where its results.json records some.
