@@ -30,6 +30,7 @@ from .data.dataset import InstanceDataset
 from .data.export import write_scenes
 from .data.scenes import ScenesSource, render_single_object_images
 from .io import read_json
+from .predict import draws_scores
 from .viz import CAPTION_FONT, draw_annotations, draw_captioned_boxes, save_png
 
 OUT = Path("demo_out")
@@ -109,9 +110,8 @@ def main(out: Path = OUT, families: tuple[Family, ...] = FAMILIES, scale: float 
         family = result["family"]
         if family.scenes:
             answers_dir = out / "answers" / result["run_dir"].name
-            scored = family_kind(family) != "segmentation"
             api.predict(result["run_dir"] / "best.pt", scene_paths, out=answers_dir,
-                        draw_score=DRAW_SCORE if scored else None)
+                        draw_score=DRAW_SCORE if draws_scores(family.model) else None)
             drawn = [read_png(answers_dir / f"{path.stem}_pred.png") for path in scene_paths]
             pictures = [picture for pair in zip(truths[family_kind(family)], drawn) for picture in pair]
         else:

@@ -158,6 +158,11 @@ def test_time_overrides(checkpoint: str | Path, conf: float | None, max_det: int
     return given
 
 
+def draws_scores(model_name: str) -> bool:
+    """Whether the model's task draws scored regions (detection, instances, captions) - what ``--draw-score`` sets."""
+    return "min_score" in inspect.signature(registry.get(model_name).task.draw).parameters
+
+
 def draw_options(model_name: str, draw_score: float | None) -> dict:
     """``--draw-score``: the keyword of the task's ``draw`` that shows the regions scoring at least it (the tasks' own
     default, 0.5, when None); a ConfigError for a score outside 0..1 or a model that draws no scored regions."""
@@ -165,7 +170,7 @@ def draw_options(model_name: str, draw_score: float | None) -> dict:
         return {}
     if not 0 <= draw_score <= 1:
         raise ConfigError(f"--draw-score {draw_score}: must be a score in 0..1")
-    if "min_score" not in inspect.signature(registry.get(model_name).task.draw).parameters:
+    if not draws_scores(model_name):
         raise ConfigError(f"--draw-score applies to models that draw scored regions (detection, instances, "
                           f"captions); {model_name} draws none")
     return {"min_score": draw_score}
@@ -389,8 +394,7 @@ class Predictor:
                     self._record(str(item.path), output, described)
                     if self.draw:
                         save_png(self.out / f"{self._stem(item.path)}_pred.png",
-                                 self.task.draw(pixels.numpy(), described, self.info,
-                                                **self.draw_options))
+                                 self.task.draw(pixels.numpy(), described, self.info, **self.draw_options))
             self.bar.update(len(batch))
 
     def video(self, item: Media, fps: float) -> None:
@@ -403,8 +407,7 @@ class Predictor:
                                          time_s=round(index / fps, 3))
                     if outputs is not None:
                         outputs.add(entry, self.task.draw(pixels.numpy(), described, self.info, **self.draw_options)
-                                    if self.draw
-                                    else None)
+                                    if self.draw else None)
                 frames += len(batch)
                 self.bar.update(len(batch))
         if frames == 0:
