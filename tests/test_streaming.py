@@ -15,7 +15,7 @@ from detseg.data.export import write_scenes
 from detseg.data.loading import SourceSet
 from detseg.errors import DataError
 from detseg.models.base import ImageTransform, aspect_shape
-from detseg.tasks.dense import Resize
+from detseg.tasks.dense import Resize, decoded_bytes
 
 from .detection_support import tiny_detector
 
@@ -60,13 +60,36 @@ def test_streamed_and_in_memory_scenes_give_identical_batches():
         assert [t["image_id"] for t in targets_a] == [t["image_id"] for t in targets_b]
 
 
-def test_files_stream_by_default_and_keep_only_the_annotation_index(coco_files):
-    task, _ = _detection_task()
+def test_files_over_the_memory_budget_stream_and_keep_only_the_annotation_index(coco_files):
+    task, _ = _detection_task(memory_budget_mb=0)
     bundle = task.make_data(str(coco_files / "train.json"), str(coco_files / "val.json"))
     assert isinstance(bundle.train, SourceSet) and isinstance(bundle.val, SourceSet)
     assert not hasattr(bundle.train, "images")                 # no decoded pixels held
     image, target = bundle.train[0]
     assert image.dtype == torch.uint8 and tuple(image.shape[-2:]) == target["size"] == (64, 64)
+
+
+def test_files_within_the_memory_budget_are_decoded_once_and_serve_the_streamed_batches(coco_files):
+    """loading=auto holds a small file set in memory (6 images of 64 px: 72 KiB decoded); what it serves equals
+    the streamed set's, augmentation included."""
+    memory_task, _ = _detection_task()
+    stream_task, _ = _detection_task(loading="stream")
+    files = (str(coco_files / "train.json"), str(coco_files / "val.json"))
+    memory, streamed = memory_task.make_data(*files).train, stream_task.make_data(*files).train
+    assert not isinstance(memory, SourceSet) and isinstance(streamed, SourceSet)
+    for (image_a, target_a), (image_b, target_b) in zip(_items(memory, 2), _items(streamed, 2)):
+        assert torch.equal(image_a, image_b) and torch.equal(target_a["boxes"], target_b["boxes"])
+
+
+def test_decoded_bytes_counts_input_pixels_masks_and_semantic_maps(coco_files):
+    source = CocoSource(coco_files / "train.json")
+    masks = len(source.annotations)
+    pixels = 6 * 32 * 32
+    assert decoded_bytes(source, Resize(32), fields=()) == 3 * pixels
+    assert decoded_bytes(source, Resize(32), fields=("semantic",)) == 11 * pixels
+    assert decoded_bytes(source, Resize(32), fields=("masks",)) == 3 * pixels + masks * 32 * 32
+    # aspect-preserving inputs: the 64 px squares become min_size squares
+    assert decoded_bytes(source, Resize(32, min_size=48), fields=()) == 3 * 6 * 48 * 48
 
 
 def test_aspect_shape_follows_torchvision_and_is_idempotent():

@@ -8,6 +8,7 @@ workers (``loading=auto|memory|stream``). Normalisation is the models' business 
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..config import Option
+from ..data.dataset import InstanceDataset
 from ..data.loading import InMemorySet, SourceSet, check_image_headers, into_memory
 from ..data.scenes import ScenesSource
 from ..data.sources import open_source
@@ -23,8 +25,12 @@ from ..models.base import input_shape, resize_square, scale_target
 
 LOADING_OPTIONS = {
     "loading": Option("auto", "memory: decode every image once into memory; stream: read each batch from disk "
-                              "(any size of data set); auto: memory for the built-in scenes, stream for files",
+                              "(any size of data set); auto: memory for the built-in scenes and for files whose "
+                              "decoded inputs fit in memory_budget_mb, stream otherwise",
                       choices=("auto", "memory", "stream")),
+    "memory_budget_mb": Option(1024, "loading=auto: a file set whose decoded inputs (images at input size, plus "
+                                     "masks / semantic maps the task reads) fit in this many MiB is held in memory",
+                               min=0, max=1 << 20),
     "skip_bad_images": Option(True, "an image file that fails to decode mid-run is reported and skipped (false: "
                                     "the run stops with exit 2)"),
 }
@@ -73,10 +79,34 @@ class Resize:
         return image, target
 
 
-def uses_memory(config: dict, source) -> bool:
-    """``loading=auto``: the generated scenes live in memory, files stream."""
+def decoded_bytes(source, prepare: Resize, fields: tuple[str, ...] | None = None) -> int | None:
+    """What a file-backed split would take in memory once decoded: every image at its input size (3 bytes a
+    pixel), an int64 semantic map and one byte a pixel per instance mask when the task reads them (``fields``, None
+    = all). ``None`` for a source that does not list its images' sizes."""
+    images = getattr(source, "images", None)
+    if images is None:
+        return None
+    fields = InstanceDataset.OPTIONAL_FIELDS if fields is None else fields
+    masks = Counter(a["image_id"] for a in getattr(source, "annotations", ())) if "masks" in fields else Counter()
+    per_pixel = 3 + (8 if "semantic" in fields else 0)
+    total = 0
+    for image in images:
+        height, width = input_shape(image["height"], image["width"], prepare.image_size, prepare.min_size,
+                                    prepare.max_size)
+        total += height * width * (per_pixel + masks[image["id"]])
+    return total
+
+
+def uses_memory(config: dict, source, prepare: Resize, fields: tuple[str, ...] | None = None) -> bool:
+    """``loading=auto``: the generated scenes live in memory, and so does a file set that fits the memory budget
+    once decoded (decoding a PNG each epoch costs a fast detector a quarter of its step); larger sets stream."""
     choice = config.get("loading", "auto")
-    return choice == "memory" or (choice == "auto" and isinstance(source, ScenesSource))
+    if choice != "auto":
+        return choice == "memory"
+    if isinstance(source, ScenesSource):
+        return True
+    size = decoded_bytes(source, prepare, fields)
+    return size is not None and size <= config.get("memory_budget_mb", 1024) * 2 ** 20
 
 
 def open_set(source, config: dict, prepare: Resize, augment=None, fields: tuple[str, ...] | None = None,
@@ -85,7 +115,7 @@ def open_set(source, config: dict, prepare: Resize, augment=None, fields: tuple[
     check_image_headers(source)
     streamed = SourceSet(source, prepare, augment, seed=config["seed"],
                          skip_bad_images=config.get("skip_bad_images", True), fields=fields)
-    memory = uses_memory(config, source) if in_memory is None else in_memory
+    memory = uses_memory(config, source, prepare, fields) if in_memory is None else in_memory
     return into_memory(streamed, desc=desc) if memory else streamed
 
 

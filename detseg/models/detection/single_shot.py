@@ -63,19 +63,24 @@ class SingleShotDetector(DetsegModel):
 
     def __init__(self, num_classes: int, backbone: nn.Module, head: nn.Module,
                  postprocess: SingleShotPostprocess | None = None, image_size: int = 128,
-                 transform: ImageTransform | None = None):
+                 transform: ImageTransform | None = None, channels_last: bool = False):
         super().__init__()
         self.num_classes = num_classes          # K + 1 as every detector counts them; there is no background output
         self.transform = transform or ImageTransform(image_size)
         self.backbone, self.head = backbone, head
         self.postprocess = postprocess or SingleShotPostprocess()
+        # Channels-last weights and activations (shapes unchanged): the layout CPU convolution kernels work in, which
+        # spares a layout conversion around every layer - the whole network is convolutions here.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.backbone.to(memory_format=self.memory_format)
+        self.head.to(memory_format=self.memory_format)
 
     def outputs(self, images: Images, targets: list[dict] | None = None):
         """The one forward pass: preprocessing, backbone, head -> (batch, targets in input pixels, head outputs)."""
         batch = self.transform.batch(images)
         if targets is not None:
             targets = [without_crowds(target) for target in self.transform.targets_to_input(targets, batch)]
-        return batch, targets, self.head(self.backbone(batch.normalized))
+        return batch, targets, self.head(self.backbone(batch.normalized.contiguous(memory_format=self.memory_format)))
 
     def training_losses(self, images: Images, targets: list[dict]) -> dict[str, torch.Tensor]:
         batch, targets, outputs = self.outputs(images, targets)
