@@ -32,10 +32,12 @@ from ...config import Option
 from ..base import SCENES_MEAN, SCENES_STD
 from .ssd import DEFAULT_BOX_OPTIONS, FEATURE_OPTIONS, TRAINING as SSD_TRAINING, build_features, \
     default_box_settings
+from .single_shot import SINGLE_SHOT_AUGMENTATION
 from .torchvision_reference import TorchvisionDetector
 
 OPTIONS = {
     **FEATURE_OPTIONS, **DEFAULT_BOX_OPTIONS,
+    **SINGLE_SHOT_AUGMENTATION,      # the same training data as det/ssd
     # A user of torchvision gets the default (N, C, H, W) layout; det/ssd's choice of channels-last is its own.
     "channels_last": Option(False, "run the convolutions on channels-last tensors (det/ssd's default)"),
     # torchvision's own test-time defaults, as knobs so that `detseg predict --conf / --max-det` reach them
