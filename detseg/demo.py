@@ -60,8 +60,9 @@ FAMILIES = (
     Family("semantic segmentation", "seg/encoder_decoder", 100, "miou", 0.4, {"epochs": 100}),
     # The lecture's single-shot YOLO: in 120 s AP50 0.62 (SSD 0.56), where Faster R-CNN reached 0.25-0.33 with every
     # learning rate, batch size and warm-up tried - one dense loss per grid cell learns faster than sampled RoIs.
-    # At 100 s the tour's YOLO gave 0.529, 0.525 and 0.494: 110 s leaves a margin (0.539).
-    # Without the single-shot default scale jitter: it fights overfitting over ~40 epochs, and the tour has ~8.
+    # At 100 s the tour's YOLO gave 0.529, 0.525 and 0.494: 110 s leaves a margin (0.539; 0.699 once YOLO ran
+    # channels-last). Without the single-shot default scale jitter: it fights overfitting over ~40 epochs, and the
+    # tour has ~8.
     Family("object detection", "det/yolo", 110, "ap50", 0.5, {"epochs": 100, "scale_jitter": "0"}),
     # Mask R-CNN starts from the YOLO row's backbone (the tensors whose names and shapes match; the RPN and the heads
     # start fresh): segm AP50 0.149 in 160 s (SGD) against 0.095 from scratch in 140 s; in 140 s from that backbone

@@ -147,8 +147,9 @@ def default_box_settings(config: dict) -> tuple[tuple[float, ...], list[tuple[fl
     levels = config["extra_levels"] + 1
     sizes = number_list("box_sizes", config["box_sizes"])
     if len(sizes) != levels + 1:
-        raise ConfigError(f"box_sizes={config['box_sizes']}: {levels} feature maps need {levels + 1} sizes (one "
-                          "per map plus the one the last map's in-between box is taken towards)")
+        raise ConfigError(f"box_sizes={config['box_sizes']}: extra_levels={config['extra_levels']} gives {levels} "
+                          f"feature maps, which need {levels + 1} sizes (one per map plus the one the last map's "
+                          "in-between box is taken towards)")
     return sizes, ratios_per_level(config["box_ratios"], levels)
 
 
