@@ -149,3 +149,17 @@ def test_torchvision_ssd_trains_a_step_and_predicts_in_the_contract_format():
         assert len(image["scores"]) == len(image["labels"]) == len(image["boxes"])
         assert image["labels"].dtype == torch.int64 and bool((image["labels"] >= 1).all())
         assert bool((image["boxes"] >= 0).all()) and bool((image["boxes"] <= 64).all())
+
+
+@pytest.mark.parametrize("name", ["det/ssd", "det/yolo"])
+def test_single_shot_convolutions_run_channels_last_unless_turned_off(name):
+    """channels_last=true (the default) lays every convolution's weights out channels-last, backbone and head;
+    false leaves PyTorch's default layout (the single-shot base class once reset det/ssd's to it)."""
+    def weights(model):   # 3 x 3 kernels: a 1 x 1 kernel's weight is contiguous in both layouts
+        return [p for module in (model.backbone, model.head) for p in module.parameters()
+                if p.dim() == 4 and p.shape[-1] > 1]
+
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+               for w in weights(tiny_detector(name)))
+    assert all(w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last)
+               for w in weights(tiny_detector(name, channels_last=False)))

@@ -78,17 +78,22 @@ class SingleShotDetector(DetsegModel):
         self.backbone, self.head = backbone, head
         self.postprocess = postprocess or SingleShotPostprocess()
         # Channels-last weights and activations (shapes unchanged): the layout CPU convolution kernels work in, which
-        # spares a layout conversion around every layer - the whole network is convolutions here.
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.backbone.to(memory_format=self.memory_format)
-        self.head.to(memory_format=self.memory_format)
+        # spares a layout conversion around every layer - the whole network is convolutions here. False leaves the
+        # modules' layout as given.
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
 
     def outputs(self, images: Images, targets: list[dict] | None = None):
         """The one forward pass: preprocessing, backbone, head -> (batch, targets in input pixels, head outputs)."""
         batch = self.transform.batch(images)
         if targets is not None:
             targets = [without_crowds(target) for target in self.transform.targets_to_input(targets, batch)]
-        return batch, targets, self.head(self.backbone(batch.normalized.contiguous(memory_format=self.memory_format)))
+        inputs = batch.normalized
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return batch, targets, self.head(self.backbone(inputs))
 
     def training_losses(self, images: Images, targets: list[dict]) -> dict[str, torch.Tensor]:
         batch, targets, outputs = self.outputs(images, targets)

@@ -293,8 +293,8 @@ class SSD(SingleShotDetector):
                  neg_pos_ratio: float = 3.0, min_negatives: int = 8, box_loss_weight: float = 1.0,
                  box_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0), transform: ImageTransform | None = None):
         head = SSDHead(features.out_channels, default_boxes.boxes_per_location, num_classes)
-        super().__init__(num_classes, features, head.to(memory_format=features.memory_format), postprocess,
-                         image_size, transform)
+        super().__init__(num_classes, features, head, postprocess, image_size, transform,
+                         channels_last=features.memory_format == torch.channels_last)
         self.default_boxes = default_boxes
         self.match_iou, self.neg_pos_ratio, self.min_negatives = match_iou, neg_pos_ratio, min_negatives
         self.box_loss_weight, self.box_weights = box_loss_weight, tuple(box_weights)
