@@ -72,9 +72,13 @@ def test_report_and_plot_from_rows_and_sweeps(tmp_path):
 def test_only_keeps_the_rows_of_an_earlier_run_with_the_same_settings(tmp_path):
     settings = dict(study.SETTINGS[True])
     (tmp_path / "results.json").write_text(json.dumps({"settings": settings, "rows": _rows(), "sweeps": {"x": 1}}))
-    rows, sweeps = study._previous_rows(tmp_path, settings)
-    assert [row["method"] for row in rows][:2] == ["faster_rcnn", "yolo"] and sweeps == {"x": 1}
-    assert study._previous_rows(tmp_path, {**settings, "budget": 1.0}) == ([], {})
+    previous = study.previous_results(tmp_path, settings)
+    assert [row["method"] for row in previous["rows"]][:2] == ["faster_rcnn", "yolo"] and previous["sweeps"] == {"x": 1}
+    assert study.previous_results(tmp_path, {**settings, "budget": 1.0}) == {}
+    fresh = [{"method": "faster_rcnn", "ap": 0.9}]
+    merged = study.merge_rows(previous["rows"], fresh, study.METHODS)
+    assert [row for row in merged if row["method"] == "faster_rcnn"] == fresh
+    assert {row["method"] for row in merged} == {row["method"] for row in previous["rows"]}
 
 
 def test_scenes_area_ranges_change_only_the_size_stats():

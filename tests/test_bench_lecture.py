@@ -180,7 +180,9 @@ def test_every_claim_holds_on_numbers_that_support_it_and_the_reports_say_so(tmp
     for claim in claims.values():
         assert claim["verdict"] == "holds", (claim["id"], claim["measured"], claim["why"])
         assert claim["stale"] is None and claim["numbers"] and claim["why"].startswith("Holds if")
-        assert claim["command"] == f"detseg bench {claim['study']} --quick"
+        part = lecture.PARTS.get(claim["study"])
+        assert claim["command"] == f"detseg bench {claim['study']} --quick" + (f" --only {','.join(part)}" if part
+                                                                                else "")
     assert claims[1]["numbers"]["flops_ratio"] == pytest.approx(0.877 / 0.066)
     assert claims[1]["numbers"]["encdec"] == "enc-dec maxpool + transposed"
     assert "0.400–0.450" in claims[5]["measured"] and "pre-trained backbone" in claims[5]["measured"]
@@ -197,7 +199,7 @@ def test_every_claim_holds_on_numbers_that_support_it_and_the_reports_say_so(tmp
     assert "| # | claim | reference | measured | verdict |" in report
     table = [line for line in report.splitlines() if line.startswith("| ") and "**" in line]
     assert len(table) == 11 and all(line.endswith("| **holds** |") for line in table)
-    assert "`detseg bench rcnn --quick`" in report
+    assert "`detseg bench rcnn --quick --only rcnn,spp,fast_rcnn,faster_rcnn`" in report
 
     page = (out / "report.html").read_text()
     parser = StrictHTML()
@@ -292,8 +294,8 @@ def test_stale_studies_are_run_again_and_a_failing_one_does_not_stop_the_report(
     write_json(studies / "detectors" / "results.json", results)
     calls = []
 
-    def fake_run_study(study, out, quick):                                   # what run_study leaves behind
-        calls.append((study, out, quick))
+    def fake_run_study(study, out, quick, only=None):                        # what run_study leaves behind
+        calls.append((study, out, quick, only))
         if study == "detectors":
             raise RuntimeError("out of memory\ntraceback")
         write_study(out.parent, study, CANNED[study]())
@@ -301,7 +303,10 @@ def test_stale_studies_are_run_again_and_a_failing_one_does_not_stop_the_report(
 
     monkeypatch.setattr(lecture, "run_study", fake_run_study)
     summary, claims = judged(tmp_path, studies)
-    assert calls == [("detectors", studies / "detectors", True), ("roialign", studies / "roialign", True)]
+    # detectors runs only the rows claim 8 reads; roialign runs whole
+    assert calls == [("detectors", studies / "detectors", True, "faster_rcnn,yolo,ssd"),
+                     ("roialign", studies / "roialign", True, None)]
+    assert claims[8]["command"] == "detseg bench detectors --quick --only faster_rcnn,yolo,ssd"
     assert summary["studies"]["roialign"] == {"status": "ran", "reason": "no results",
                                               "results": str(studies / "roialign" / "results.json")}
     assert claims[9]["verdict"] == "holds" and claims[9]["stale"] is None
@@ -365,6 +370,15 @@ def test_cli_runs_the_lecture_through_run_study(tmp_path, studies, monkeypatch, 
     assert all(state["status"] == "reused" for state in saved["studies"].values())
     assert "segmentation: reused" in result.stdout
 
+
+
+def test_a_partial_run_is_reused_only_when_it_ran_every_row_the_claims_read(tmp_path, studies):
+    path = studies / "detectors" / "results.json"
+    stamp_results(path, "detectors", True, {"only": "ssd,faster_rcnn,yolo"})
+    assert lecture.gather("detectors", studies, quick=True, reuse_only=True)["status"] == "reused"
+    stamp_results(path, "detectors", True, {"only": "faster_rcnn,yolo"})            # the SSD row is not this code's
+    state = lecture.gather("detectors", studies, quick=True, reuse_only=True)
+    assert (state["status"], state["reason"]) == ("stale", "a partial run (--only faster_rcnn,yolo)")
 
 
 def test_the_real_growth_study_is_reused_when_its_settings_match(tmp_path):

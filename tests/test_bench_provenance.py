@@ -35,6 +35,11 @@ def test_each_way_of_being_stale_has_its_reason(tmp_path):
     assert stale_reason(results, "segmentation", False, settings={"train": 400}) == "settings changed: train"
     partial = stamped(tmp_path, settings, options={"only": "fcn"})
     assert stale_reason(partial, "segmentation", False, settings) == "a partial run (--only fcn)"
+    # a reader that needs only some rows accepts a partial run that ran every one of them, and no other
+    partial = stamped(tmp_path, settings, options={"only": "fcn,unet"})
+    assert stale_reason(partial, "segmentation", False, settings, rows=("unet", "fcn")) is None
+    assert stale_reason(partial, "segmentation", False, settings, rows=("fcn", "segnet")) == \
+        "a partial run (--only fcn,unet)"
     edited = json.loads(json.dumps(results))
     edited["provenance"]["code"]["metrics.py"] = "0" * 16                     # the module changed since the run
     assert stale_reason(edited, "segmentation", False, settings) == "code changed: metrics.py"

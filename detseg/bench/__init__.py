@@ -98,10 +98,13 @@ def stamp_results(path: Path, study: str, quick: bool, options: dict) -> None:
     write_json(path, results)
 
 
-def stale_reason(results: dict | None, study: str, quick: bool, settings: dict | None = None) -> str | None:
+def stale_reason(results: dict | None, study: str, quick: bool, settings: dict | None = None,
+                 rows: tuple[str, ...] | None = None) -> str | None:
     """Why ``results`` (a study's results.json) cannot stand for a run of ``study`` now, or None if it can: no
-    results, no provenance (written before studies recorded it), another study or mode, a partial run (``only``),
-    settings other than ``settings``, or a module it ran on changed since (or gone)."""
+    results, no provenance (written before studies recorded it), another study or mode, a partial run (``only``)
+    that did not run every one of ``rows`` (the parts a reader needs; None: the whole study), settings other than
+    ``settings``, or a module it ran on changed since (or gone). A partial run's other rows come from earlier runs
+    whose code is not recorded, so only the rows it ran count."""
     if not isinstance(results, dict):
         return "no results"
     provenance = results.get("provenance")
@@ -111,8 +114,11 @@ def stale_reason(results: dict | None, study: str, quick: bool, settings: dict |
         return f"results of the {provenance.get('study')!r} study"
     if bool(provenance.get("quick")) != bool(quick):
         return "a --quick run" if provenance.get("quick") else "a full run, not --quick"
-    if (provenance.get("options") or {}).get("only"):
-        return f"a partial run (--only {provenance['options']['only']})"
+    only = (provenance.get("options") or {}).get("only")
+    if only:
+        ran = {name.strip() for name in str(only).split(",")}
+        if rows is None or not set(rows) <= ran:
+            return f"a partial run (--only {only})"
     if settings is not None:
         wanted, recorded = json.loads(json.dumps(settings)), results.get("settings") or {}   # tuples as lists
         changed = sorted(key for key in set(wanted) | set(recorded) if wanted.get(key) != recorded.get(key))

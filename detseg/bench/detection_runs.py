@@ -21,7 +21,8 @@ import torch  # noqa: E402
 from .. import api, registry  # noqa: E402
 from ..data.export import write_scenes  # noqa: E402
 from ..data.images import load_rgb  # noqa: E402
-from ..io import write_json  # noqa: E402
+from ..errors import ConfigError  # noqa: E402
+from ..io import read_json, write_json  # noqa: E402
 from ..tasks.base import predict_arrays  # noqa: E402
 from ..viz import save_figure  # noqa: E402
 
@@ -43,6 +44,41 @@ def prepare_scenes(data_dir: Path, settings: dict) -> dict[str, Path]:
         write_scenes(data_dir, settings["train"], settings["val"], size=settings["image_size"], seed=0,
                      progress=False)
     return {"train": train_json, "val": val_json}
+
+
+# ---- partial runs (``--only``) -------------------------------------------------------------------------------
+def select_methods(only: str | None, methods, extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """The (method, model) pairs ``only`` names (comma-separated row names; ``extra`` are other parts a study
+    accepts, e.g. 'sweeps'); every pair without ``only``. An unknown name is a ConfigError listing the choices."""
+    if not only:
+        return list(methods)
+    names = [name.strip() for name in only.split(",") if name.strip()]
+    known = {method for method, _ in methods} | set(extra)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"--only {only}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return [(method, model) for method, model in methods if method in names]
+
+
+def previous_results(out: Path, settings: dict) -> dict:
+    """An earlier results.json in ``out`` made with the same settings (a partial run keeps its other rows), else {}."""
+    path = out / "results.json"
+    try:
+        previous = read_json(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(previous, dict) or previous.get("settings") != json.loads(json.dumps(settings)):
+        return {}
+    return previous
+
+
+def merge_rows(previous: list[dict], fresh: list[dict], methods) -> list[dict]:
+    """``fresh`` rows plus the ``previous`` rows of methods not run again, in the study's method order."""
+    ran = {row["method"] for row in fresh}
+    rows = [row for row in previous if isinstance(row, dict) and row.get("method") not in ran] + fresh
+    order = [method for method, _ in methods]
+    rows.sort(key=lambda row: order.index(row["method"]) if row.get("method") in order else len(order))
+    return rows
 
 
 def first_images(coco_json: Path, count: int) -> Path:

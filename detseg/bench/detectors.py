@@ -38,11 +38,11 @@ import torch  # noqa: E402
 
 from .. import __version__, api, registry  # noqa: E402
 from ..data.scenes import area_thresholds  # noqa: E402
-from ..errors import ConfigError  # noqa: E402
 from ..io import write_json  # noqa: E402
 from ..metrics import coco_eval  # noqa: E402
 from ..viz import save_figure, save_report  # noqa: E402
-from .detection_runs import load_images, plot_detections, prepare_scenes, run_detector, time_test_stages  # noqa: E402
+from .detection_runs import (load_images, plot_detections, prepare_scenes, merge_rows,  # noqa: E402
+                             previous_results, run_detector, select_methods, time_test_stages)
 
 # (row name, model), in the lecture's order; the last rows are references and later models when they exist.
 METHODS = (("sliding_window", "det/sliding_window"), ("rcnn", "det/rcnn"), ("spp", "det/spp"),
@@ -280,31 +280,9 @@ def _code_version() -> str:
     return f"detseg {__version__}" + (f" @ {commit}" if commit else "")
 
 
-def _previous_rows(out: Path, settings: dict) -> tuple[list[dict], dict]:
-    """Rows and sweeps of an earlier results.json made with the same settings (else nothing)."""
-    path = out / "results.json"
-    if not path.is_file():
-        return [], {}
-    try:
-        with open(path) as handle:
-            previous = json.load(handle)
-    except (OSError, ValueError):
-        return [], {}
-    if previous.get("settings") != json.loads(json.dumps(settings)):
-        return [], {}
-    return previous.get("rows", []), previous.get("sweeps", {})
-
-
 def selected(only: str | None, methods=METHODS) -> list[tuple[str, str]]:
     """The (method, model) pairs ``only`` names (comma-separated row names, or 'sweeps'); every one without it."""
-    if not only:
-        return list(methods)
-    names = [name.strip() for name in only.split(",") if name.strip()]
-    known = {method for method, _ in methods} | {"sweeps"}
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ConfigError(f"--only {only}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-    return [(method, model) for method, model in methods if method in names]
+    return select_methods(only, methods, extra=("sweeps",))
 
 
 def run(out: Path, quick: bool, only: str | None = None, settings: dict | None = None) -> dict:
@@ -314,7 +292,8 @@ def run(out: Path, quick: bool, only: str | None = None, settings: dict | None =
     chosen = selected(only)
     do_sweeps = not only or "sweeps" in only.split(",")
     files = prepare_scenes(out / "data", settings)
-    previous_rows, sweeps = _previous_rows(out, settings) if only else ([], {})
+    previous = previous_results(out, settings) if only else {}
+    previous_rows, sweeps = previous.get("rows", []), previous.get("sweeps", {})
     available = set(registry.names())
     rows, pictures = [], {}
     for method, model_name in chosen:
@@ -332,10 +311,7 @@ def run(out: Path, quick: bool, only: str | None = None, settings: dict | None =
         rows.append(row)
         print(f"{method}: AP {row['ap']:.3f}, AP50 {row['ap50']:.3f}, test {row['test_ms_per_image']:.1f} ms/img, "
               f"{row['train_images_per_second']:.1f} train img/s", flush=True)
-    ran = {row["method"] for row in rows}
-    rows = [row for row in previous_rows if row["method"] not in ran] + rows
-    order = [method for method, _ in METHODS]
-    rows.sort(key=lambda row: order.index(row["method"]) if row["method"] in order else len(order))
+    rows = merge_rows(previous_rows, rows, METHODS)
     if do_sweeps:
         sweeps = run_sweeps(rows, files, settings, out)
     results = {"quick": quick, "settings": settings, "code": _code_version(), "rows": rows, "sweeps": sweeps,

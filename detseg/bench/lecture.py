@@ -36,6 +36,11 @@ NEEDED = ("segmentation", "localization", "rcnn", "detectors", "roialign", "dens
 # Studies whose results.json records its ``settings`` (so stale_reason compares them); any other study is compared
 # by its settings only where its results.json records some.
 RECORDS_SETTINGS = ("segmentation", "localization", "rcnn", "detectors", "roialign", "densecap", "growth")
+# The rows a study's claims read, where its other rows cost minutes no claim uses: the lecture runs only these
+# (the study's --only) and reuses a whole run or a partial one that ran all of them. rcnn: claims 6-7 read R-CNN,
+# SPP-net, Fast and Faster R-CNN (not the sliding window, R-FCN or torchvision's model); detectors: claim 8 reads
+# Faster R-CNN and the single-shot rows (not the other seven detectors or the sweeps).
+PARTS = {"rcnn": ("rcnn", "spp", "fast_rcnn", "faster_rcnn"), "detectors": ("faster_rcnn", "yolo", "ssd")}
 # Each study's main figures (in its out dir), embedded in report.html; a study not named here (or whose figures are
 # missing) shows the first PNG of its directory.
 FIGURES = {"segmentation": ("cost_quality.png", "checkerboard.png"), "localization": ("localization.png",),
@@ -462,7 +467,7 @@ def gather(study: str, studies_dir: Path, quick: bool, reuse_only: bool) -> dict
         return {"status": "failed", "reason": f"import: {type(error).__name__}: {error}", "results": None,
                 "dir": directory}
     results = _read(directory / "results.json")
-    reason = stale_reason(results, study, quick, _settings(study, module, quick, results))
+    reason = stale_reason(results, study, quick, _settings(study, module, quick, results), rows=PARTS.get(study))
     if reason is None:
         return {"status": "reused", "reason": None, "results": results, "dir": directory}
     if reuse_only:
@@ -471,7 +476,7 @@ def gather(study: str, studies_dir: Path, quick: bool, reuse_only: bool) -> dict
         return {"status": "stale", "reason": reason, "results": results, "dir": directory}
     print(f"{study}: running `{command(study, quick)}` ({reason}) ...", flush=True)
     try:
-        run_study(study, out=directory, quick=quick)
+        run_study(study, out=directory, quick=quick, only=",".join(PARTS[study]) if study in PARTS else None)
     except Exception as error:                  # one failing study leaves its claims unmeasured, not the report
         return {"status": "failed", "reason": f"{type(error).__name__}: {error}".splitlines()[0], "results": None,
                 "dir": directory}
@@ -482,7 +487,9 @@ def gather(study: str, studies_dir: Path, quick: bool, reuse_only: bool) -> dict
 
 
 def command(study: str, quick: bool) -> str:
-    return f"detseg bench {study}" + (" --quick" if quick else "")
+    """The command that measures a study's claims (the lecture's part of it where it needs only some rows)."""
+    only = f" --only {','.join(PARTS[study])}" if study in PARTS else ""
+    return f"detseg bench {study}" + (" --quick" if quick else "") + only
 
 
 def judge(spec: tuple, state: dict, quick: bool) -> dict:

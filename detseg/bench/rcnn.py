@@ -37,8 +37,8 @@ from ..data.scenes import ScenesSource  # noqa: E402
 from ..io import write_json  # noqa: E402
 from ..viz import save_figure, save_report  # noqa: E402
 from .detection_runs import (PICTURE_DETECTIONS, STAGES, best_detections, first_images,  # noqa: E402,F401
-                             make_row, plot_detections, prepare_scenes, run_detector, time_test_stages,
-                             training_overrides)
+                             make_row, merge_rows, plot_detections, prepare_scenes, previous_results,
+                             run_detector, select_methods, time_test_stages, training_overrides)
 
 # (method, det/ model name), in the lecture's order; R-CNN is the unit of every ratio.
 METHODS = (("sliding_window", "det/sliding_window"), ("rcnn", "det/rcnn"), ("spp", "det/spp"),
@@ -303,13 +303,16 @@ def time_operating_point(rows: list[dict], settings: dict) -> list[dict]:
     return timed
 
 
-def run(out: Path, quick: bool, settings: dict | None = None, methods=METHODS) -> dict:
-    """The study: write the scenes, train and time every detector, write results.json, plots and report.md."""
+def run(out: Path, quick: bool, settings: dict | None = None, methods=METHODS, only: str | None = None) -> dict:
+    """The study: write the scenes, train and time every detector, write results.json, plots and report.md.
+    ``only`` (comma-separated methods) trains and times those and keeps the other rows (and operating-point
+    timings) of an earlier run with the same settings."""
     started = time.perf_counter()
     settings = settings or SETTINGS[quick]
     files = prepare_scenes(out / "data", settings)
+    previous = previous_results(out, settings) if only else {}
     rows, pictures = [], {}
-    for method, model_name in methods:
+    for method, model_name in select_methods(only, methods):
         print(f"{method}: training {model_name} for {settings['budget']:g} s ...", flush=True)
         try:
             registry.get(model_name)
@@ -324,7 +327,9 @@ def run(out: Path, quick: bool, settings: dict | None = None, methods=METHODS) -
         print(f"{method}: {row['train_images_per_second']:.1f} train img/s, test {row['test_ms_per_image']:.1f} "
               f"ms/img, AP {row['ap']:.3f}, AP50 {row['ap50']:.3f} ({row['train_wall_seconds']:.0f} + "
               f"{row['timing_wall_seconds']:.0f} s wall)", flush=True)
-    operating = time_operating_point(rows, settings)
+    operating = merge_rows((previous.get("operating_point") or {}).get("rows", []),
+                           time_operating_point(rows, settings), methods)
+    rows = merge_rows(previous.get("rows", []), rows, methods)
     results = {"quick": quick, "settings": settings, "rows": rows, "speedups": speedups(rows),
                "targets": targets(rows), "operating_point": {"rows": operating, "speedups": speedups(operating)},
                "threads": settings["threads"], "wall_seconds": time.perf_counter() - started}
