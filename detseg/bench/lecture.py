@@ -476,7 +476,7 @@ def gather(study: str, studies_dir: Path, quick: bool, reuse_only: bool) -> dict
         return {"status": "stale", "reason": reason, "results": results, "dir": directory}
     print(f"{study}: running `{command(study, quick)}` ({reason}) ...", flush=True)
     try:
-        run_study(study, out=directory, quick=quick, only=",".join(PARTS[study]) if study in PARTS else None)
+        run_study(study, out=directory, quick=quick, only=part_of(study))
     except Exception as error:                  # one failing study leaves its claims unmeasured, not the report
         return {"status": "failed", "reason": f"{type(error).__name__}: {error}".splitlines()[0], "results": None,
                 "dir": directory}
@@ -486,10 +486,15 @@ def gather(study: str, studies_dir: Path, quick: bool, reuse_only: bool) -> dict
     return {"status": "ran", "reason": reason, "results": fresh, "dir": directory}
 
 
+def part_of(study: str) -> str | None:
+    """The study's ``--only`` value where the lecture runs only part of it (None: the whole study)."""
+    return ",".join(PARTS[study]) if study in PARTS else None
+
+
 def command(study: str, quick: bool) -> str:
     """The command that measures a study's claims (the lecture's part of it where it needs only some rows)."""
-    only = f" --only {','.join(PARTS[study])}" if study in PARTS else ""
-    return f"detseg bench {study}" + (" --quick" if quick else "") + only
+    only = part_of(study)
+    return f"detseg bench {study}" + (" --quick" if quick else "") + (f" --only {only}" if only else "")
 
 
 def judge(spec: tuple, state: dict, quick: bool) -> dict:
